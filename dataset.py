@@ -1,0 +1,190 @@
+"""MVTec AD layout: sorted, validated file enumeration and decoding into uint8 tensors.
+
+Layout (Bergmann et al., CVPR 2019)::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/<defect or good>/*.png
+    <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+
+Images are decoded and resized once into a uint8 tensor of shape (N, 3, size, size);
+the training loop samples and augments batches from that tensor on the device.
+"""
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from common import CutPasteError
+
+# The 15 categories of MVTec AD, in the order of the paper's Table 1.
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class TestItem:
+    path: Path
+    label: int  # 0 good, 1 defective
+    defect: str  # "good" or the defect folder name
+    mask_path: Path | None  # None for good images and for defects without a mask
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def category_dir(root: Path, category: str) -> Path:
+    """The category folder, validated; errors name the path and the fix."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CutPasteError(f"data root {root} does not exist; put MVTec AD there or pass --data_dir")
+    path = root / category
+    if not path.is_dir():
+        present = ", ".join(present_categories(root)) or "none"
+        raise CutPasteError(f"category folder {path} does not exist (categories found in {root}: {present}); "
+                            f"check --type and --data_dir")
+    return path
+
+
+def present_categories(root: Path) -> list[str]:
+    """Category folders under `root` that have a train/good folder: MVTec's first, in Table 1 order, then others."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir())
+    return [c for c in MVTEC_CATEGORIES if c in found] + [c for c in found if c not in MVTEC_CATEGORIES]
+
+
+def resolve_categories(root: Path, types: str) -> list[str]:
+    """--type: 'all' for every category present, else a comma-separated list (validated)."""
+    if types == "all":
+        cats = present_categories(root)
+        if not cats:
+            category_dir(root, MVTEC_CATEGORIES[0])  # raises the missing-root error if that is the cause
+            raise CutPasteError(f"found no category with a train/good folder in {root}; check --data_dir")
+        return cats
+    cats = [c.strip() for c in types.split(",") if c.strip()]
+    for cat in cats:
+        category_dir(root, cat)
+    return cats
+
+
+def list_train_images(root: Path, category: str) -> list[Path]:
+    """Sorted clean training images of a category."""
+    folder = category_dir(root, category) / "train" / GOOD
+    files = _images_in(folder) if folder.is_dir() else []
+    if not files:
+        raise CutPasteError(f"found 0 images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}); "
+                            f"put the clean training images there")
+    return files
+
+
+def list_test_items(root: Path, category: str) -> list[TestItem]:
+    """Sorted test images with label, defect type and mask path (None where absent, with a warning)."""
+    cat_dir = category_dir(root, category)
+    test_dir = cat_dir / "test"
+    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
+    items = []
+    for defect in defects:
+        for path in _images_in(test_dir / defect):
+            mask = None
+            if defect != GOOD:
+                mask = cat_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
+                if not mask.is_file():
+                    warnings.warn(f"no mask {mask} for {path}; image-level metrics still run")
+                    mask = None
+            items.append(TestItem(path, int(defect != GOOD), defect, mask))
+    if not items:
+        raise CutPasteError(f"found 0 images in {test_dir}/*/; put test images in {test_dir}/good and "
+                            f"{test_dir}/<defect>")
+    if len({it.label for it in items}) < 2:
+        warnings.warn(f"{test_dir} holds only {'good' if items[0].label == 0 else 'defective'} images; "
+                      f"AUROC is undefined")
+    return items
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Decode any PIL-readable image to RGB, resize to size x size (bilinear); uint8 (3, size, size)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise CutPasteError(f"cannot read image {path} ({err}); replace or remove that file") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def load_mask(mask_path: Path, image_path: Path, size: int) -> torch.Tensor | None:
+    """Binary mask (size, size), nearest-neighbour resized; None with a warning when it does not fit its image."""
+    try:
+        with Image.open(mask_path) as mask, Image.open(image_path) as img:
+            if mask.size != img.size:
+                warnings.warn(f"mask {mask_path} is {mask.size}, its image {img.size}; mask ignored")
+                return None
+            arr = np.asarray(mask.convert("L").resize((size, size), Image.NEAREST))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        warnings.warn(f"cannot read mask {mask_path} ({err}); mask ignored")
+        return None
+    return torch.from_numpy(arr > 127)
+
+
+def load_images(paths: list[Path], size: int, workers: int = 0) -> torch.Tensor:
+    """Decode and resize all `paths` once into a uint8 tensor (N, 3, size, size).
+
+    workers > 0 decodes in that many threads (PIL releases the GIL while decoding).
+    """
+    if workers > 0:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            images = list(pool.map(lambda p: load_image(p, size), paths))
+    else:
+        images = [load_image(p, size) for p in paths]
+    return torch.stack(images)
+
+
+class MVTecTrain(Dataset):
+    """Clean training images of one category as a decoded uint8 tensor `images` (N, 3, S, S)."""
+
+    def __init__(self, root: Path, category: str, size: int, workers: int = 0):
+        self.paths = list_train_images(root, category)
+        self.images = load_images(self.paths, size, workers)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, idx):
+        return self.images[idx]
+
+
+class MVTecTest(Dataset):
+    """Test images of one category: uint8 `images` (N, 3, S, S), `labels` (N,), `defects`, `masks` (N, S, S).
+
+    Masks are all-zero for good images and for defects whose mask is missing (`has_mask` False).
+    """
+
+    def __init__(self, root: Path, category: str, size: int, workers: int = 0):
+        self.items = list_test_items(root, category)
+        self.images = load_images([it.path for it in self.items], size, workers)
+        self.labels = torch.tensor([it.label for it in self.items])
+        self.defects = [it.defect for it in self.items]
+        masks, has_mask = [], []
+        for it in self.items:
+            mask = load_mask(it.mask_path, it.path, size) if it.mask_path is not None else None
+            has_mask.append(mask is not None or it.label == 0)
+            masks.append(mask if mask is not None else torch.zeros(size, size, dtype=torch.bool))
+        self.masks = torch.stack(masks)
+        self.has_mask = torch.tensor(has_mask)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        return self.images[idx], self.labels[idx], self.masks[idx]

@@ -1,0 +1,81 @@
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from common import CutPasteError
+
+
+def test_enumeration_is_sorted_and_labelled(mvtec_root):
+    train = dataset.list_train_images(mvtec_root, "lid")
+    assert train == sorted(train) and len(train) == 16
+    items = dataset.list_test_items(mvtec_root, "lid")
+    assert [it.path for it in items] == sorted(it.path for it in items)
+    assert {it.defect for it in items} == {"good", "hole", "missing", "scratch", "stain"}
+    for it in items:
+        assert it.label == int(it.defect != "good")
+        assert (it.mask_path is None) == (it.defect == "good")
+
+
+def test_resolve_all_and_list(mvtec_root):
+    assert dataset.resolve_categories(mvtec_root, "all") == ["cap", "lid"]
+    assert dataset.resolve_categories(mvtec_root, "lid, cap") == ["lid", "cap"]
+    with pytest.raises(CutPasteError, match="does not exist"):
+        dataset.resolve_categories(mvtec_root, "bottle")
+
+
+def test_test_set_tensors(mvtec_root):
+    test = dataset.MVTecTest(mvtec_root, "lid", size=24)
+    n = len(test)
+    assert test.images.shape == (n, 3, 24, 24) and test.images.dtype == torch.uint8
+    assert test.masks.shape == (n, 24, 24) and test.masks.dtype == torch.bool
+    good = test.labels == 0
+    assert not test.masks[good].any()
+    assert test.masks[~good].flatten(1).any(dim=1).all(), "every defect has a non-empty mask"
+
+
+def test_formats_modes_and_sizes(tmp_path):
+    folder = tmp_path / "odd" / "train" / "good"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8), "L").save(folder / "a.PNG")
+    Image.fromarray(rng.integers(0, 255, (40, 25, 4), dtype=np.uint8), "RGBA").save(folder / "b.png")
+    Image.fromarray(rng.integers(0, 255, (33, 33, 3), dtype=np.uint8)).save(folder / "c.jpg")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "d.bmp")
+    Image.fromarray(rng.integers(0, 255, (16, 48, 3), dtype=np.uint8)).save(folder / "e.tiff")
+    (folder / "notes.txt").write_text("not an image")
+    train = dataset.MVTecTrain(tmp_path, "odd", size=28, workers=2)
+    assert [p.name for p in train.paths] == ["a.PNG", "b.png", "c.jpg", "d.bmp", "e.tiff"]
+    assert train.images.shape == (5, 3, 28, 28)
+
+
+def test_missing_root_and_empty_train(tmp_path):
+    with pytest.raises(CutPasteError, match="does not exist.*--data_dir"):
+        dataset.list_train_images(tmp_path / "nope", "lid")
+    (tmp_path / "lid" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(CutPasteError, match=r"found 0 images in .*train/good"):
+        dataset.list_train_images(tmp_path, "lid")
+
+
+def test_truncated_image_names_the_file(tmp_path, mvtec_root):
+    shutil.copytree(mvtec_root / "lid", tmp_path / "lid")
+    bad = tmp_path / "lid" / "train" / "good" / "005.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(CutPasteError, match="005.png"):
+        dataset.MVTecTrain(tmp_path, "lid", size=32)
+
+
+def test_missing_and_wrong_size_masks_warn(tmp_path, mvtec_root):
+    shutil.copytree(mvtec_root / "lid", tmp_path / "lid")
+    (tmp_path / "lid" / "ground_truth" / "hole" / "000_mask.png").unlink()
+    Image.new("L", (10, 10)).save(tmp_path / "lid" / "ground_truth" / "stain" / "000_mask.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        test = dataset.MVTecTest(tmp_path, "lid", size=32)
+    text = " ".join(str(w.message) for w in caught)
+    assert "hole/000_mask.png" in text and "stain/000_mask.png" in text
+    assert int((~test.has_mask).sum()) == 2
