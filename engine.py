@@ -1,0 +1,113 @@
+"""Steps shared by training and evaluation: embedding, density scoring, metrics, checkpoints."""
+import datetime
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_auc_score
+from torchvision.models import ResNet18_Weights
+
+import density as density_lib
+from common import CHECKPOINT_FORMAT, CutPasteError, atomic_save, autocast, code_version, load_pretrained_state
+from model import IMAGENET_MEAN, IMAGENET_STD, ProjectionNet, head_layers
+
+# Images per forward pass when embedding for the density (no gradients, so it can be large).
+EMBED_BATCH = 128
+# Keys every checkpoint must hold; a file without them is not one of ours.
+CHECKPOINT_KEYS = ("format", "category", "config", "model", "state_dict", "density")
+
+
+def build_model(head_layer: int, num_classes: int) -> ProjectionNet:
+    return ProjectionNet(head_layers(head_layer), num_classes)
+
+
+def load_imagenet_backbone(model: ProjectionNet) -> None:
+    """Copy torchvision's ImageNet ResNet18 weights (IMAGENET1K_V1) into the backbone; the classifier is dropped."""
+    state = load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    model.resnet18.load_state_dict(state, strict=True)
+
+
+@torch.inference_mode()
+def embed_images(model: ProjectionNet, images_u8: torch.Tensor, device: torch.device, amp: bool,
+                 channels_last: bool, batch: int = EMBED_BATCH) -> torch.Tensor:
+    """(N, 3, H, W) uint8 images (any device) -> (N, 512) float32 embeddings on `device`."""
+    was_training = model.training
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = []
+    for start in range(0, images_u8.shape[0], batch):
+        x = images_u8[start:start + batch].to(device, non_blocking=True).float().div_(255)
+        with autocast(device, amp):
+            out.append(model.embed(x.contiguous(memory_format=fmt)).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def fit_and_score(train_embeds: torch.Tensor, test_embeds: torch.Tensor, kind: str = "torch"):
+    """Fit the Gaussian on normalised clean training embeddings; return (density, test scores)."""
+    density = density_lib.make_density(kind).fit(density_lib.normalize(train_embeds))
+    return density, density.score(density_lib.normalize(test_embeds))
+
+
+def image_auroc(labels, scores) -> float:
+    """Image-level AUROC (defective = positive); NaN when only one class is present."""
+    labels = torch.as_tensor(labels).cpu().numpy()
+    if len(set(labels.tolist())) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, torch.as_tensor(scores).float().cpu().numpy()))
+
+
+def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, density, train_scores) -> dict:
+    """A self-describing checkpoint: weights, the full config, the fitted density, the code version."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "code_version": code_version(),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "category": category,
+        "variant": args.variant,
+        "size": args.size,
+        "seed": args.seed,
+        "steps": steps,
+        "config": config,
+        "model": {"arch": "resnet18", "head_layer": args.head_layer, "head_dims": head_layers(args.head_layer),
+                  "num_classes": model.out.out_features},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "density": density.state_dict(),
+        "train_scores": train_scores.detach().float().cpu(),
+    }
+
+
+def save_checkpoint(ckpt: dict, path: Path) -> None:
+    atomic_save(ckpt, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load and validate a checkpoint file (tensors to CPU); errors name the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CutPasteError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:200]}); "
+                            f"it may be truncated or not a CutPaste checkpoint: retrain or remove it") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CutPasteError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)}); "
+                            f"remove it from the model folder or retrain")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CutPasteError(f"{path} has checkpoint format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}; "
+                            f"retrain it with this version")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
+    """Rebuild the model from the layout stored in the checkpoint and load its weights strictly."""
+    layout = ckpt["model"]
+    model = build_model(layout["head_layer"], layout["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise CutPasteError(f"{path} does not match the model layout it declares ({first[:200]}); "
+                            f"it was written by other code: retrain it") from None
+    return model

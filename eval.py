@@ -1,0 +1,151 @@
+"""Evaluate trained CutPaste models: image AUROC per category, plots, and a table beside the paper's.
+
+    python eval.py --model_dir models
+    python eval.py --density sklearn --save_plots 0 | grep AUC
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import dataset
+import engine
+import plots
+from common import CutPasteError, bf16_supported, resolve_device, run_main
+from density import DENSITIES
+
+PAPER_TABLE = Path(__file__).resolve().parent / "doc" / "paper_table1.csv"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate CutPaste checkpoints on the MVTec AD test sets.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", type=Path, default=Path("Data"), help="MVTec AD root folder")
+    p.add_argument("--type", type=str, default="all",
+                   help="comma-separated categories, or 'all' for every category with a checkpoint")
+    p.add_argument("--model_dir", type=Path, default=Path("models"), help="folder of checkpoints (*.tch)")
+    p.add_argument("--out_dir", type=Path, default=Path("Eval"), help="plots and tables go to out_dir/<model_dir name>")
+    p.add_argument("--density", type=str, choices=tuple(DENSITIES), default="torch",
+                   help="Gaussian density: torch (Ledoit-Wolf in torch, on the device) or sklearn (LedoitWolf)")
+    p.add_argument("--save_plots", type=int, choices=(0, 1), default=1, help="1 writes ROC, histogram and t-SNE plots")
+    p.add_argument("--head_layer", type=int, default=None,
+                   help="accepted for compatibility; the checkpoint's own head layout is always used")
+    p.add_argument("--workers", type=int, default=4, help="threads that decode images (0: the main thread)")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    p.add_argument("--cuda", type=str, default=None, help="legacy: --cuda 1 means --device cuda")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for embedding; default: on where the device runs bf16 natively")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format")
+    return p
+
+
+def find_checkpoints(model_dir: Path, wanted: list[str] | None) -> dict[str, tuple[Path, dict]]:
+    """Newest checkpoint per category, matched by the category stored inside each file."""
+    if not model_dir.is_dir():
+        raise CutPasteError(f"model folder {model_dir} does not exist; train first or pass --model_dir")
+    found: dict[str, list[tuple[Path, dict]]] = {}
+    for path in sorted(model_dir.glob("*.tch")):
+        ckpt = engine.read_checkpoint(path)
+        found.setdefault(ckpt["category"], []).append((path, ckpt))
+    if not found:
+        raise CutPasteError(f"found 0 checkpoints (*.tch) in {model_dir}; train with run_training.py first")
+    chosen = {}
+    for cat in wanted if wanted is not None else list(found):
+        if cat not in found:
+            raise CutPasteError(f"no checkpoint for category {cat!r} in {model_dir} "
+                                f"(found: {', '.join(sorted(found))}); train it or drop it from --type")
+        candidates = sorted(found[cat], key=lambda pc: (pc[1]["created"], pc[0].name))
+        if len(candidates) > 1:
+            print(f"note: {len(candidates)} checkpoints for {cat}; using the newest, {candidates[-1][0].name}")
+        chosen[cat] = candidates[-1]
+    return chosen
+
+
+def paper_auroc(category: str, variant: str) -> float:
+    """The paper's Table 1 image AUROC (%) for this category and variant; NaN where it gives none."""
+    table = pd.read_csv(PAPER_TABLE, comment="#").set_index("category")
+    if variant not in table.columns or category not in table.index:
+        return float("nan")
+    return float(table.loc[category, variant])
+
+
+def save_plots(out: Path, category: str, test_set, scores: np.ndarray, auroc: float,
+               train_emb: np.ndarray, test_emb: np.ndarray) -> None:
+    labels = test_set.labels.numpy()
+    if len(set(labels.tolist())) == 2:
+        plots.plot_roc(labels, scores, auroc, f"{category}: image ROC", out / "roc.png")
+    plots.plot_score_hist(scores, test_set.defects, f"{category}: anomaly scores", out / "score_hist.png")
+    groups = ["train (good)"] * len(train_emb) + [f"test {d}" for d in test_set.defects]
+    plots.plot_tsne(np.concatenate([train_emb, test_emb]), groups, f"{category}: t-SNE of embeddings",
+                    out / "tsne.png")
+
+
+def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch.device) -> dict:
+    """Embed clean training and test images with the checkpoint's model, fit the density, score."""
+    model = engine.model_from_checkpoint(ckpt, path)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).eval()
+    size = ckpt["size"]
+    train = dataset.MVTecTrain(args.data_dir, category, size, args.workers)
+    test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers)
+    train_emb = engine.embed_images(model, train.images, device, args.amp, args.channels_last)
+    test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
+    _, scores = engine.fit_and_score(train_emb, test_emb, args.density)
+    scores = scores.cpu().numpy()
+    auroc = engine.image_auroc(test_set.labels, scores)
+    print(f"{category} AUC: {auroc}")
+    if args.save_plots:
+        save_plots(args.out_dir / args.model_dir.name / category, category, test_set, scores, auroc,
+                   train_emb.cpu().numpy(), test_emb.cpu().numpy())
+    return {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
+            "paper_image_auroc": paper_auroc(category, ckpt["variant"]), "steps": ckpt["steps"],
+            "size": size, "density": args.density, "checkpoint": path.name}
+
+
+def _pct(value: float) -> str:
+    return "" if pd.isna(value) else f"{value:.1f}"
+
+
+def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
+    """results.csv and results.md: AUROC (%) per category and the mean, beside the paper's."""
+    frame = pd.DataFrame(rows)
+    mean = {"category": "mean", "image_auroc": frame["image_auroc"].mean(),
+            "paper_image_auroc": frame["paper_image_auroc"].mean()}
+    frame = pd.concat([frame, pd.DataFrame([mean])], ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "results.csv", index=False)
+    shown = pd.DataFrame({
+        "category": frame["category"],
+        "variant": frame["variant"].fillna(""),
+        "image AUROC (%)": frame["image_auroc"].map(_pct),
+        "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
+        "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s))),
+    })
+    (out / "results.md").write_text(shown.to_markdown(index=False, stralign="right") + "\n")
+    return frame
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(args.device, args.cuda)
+    if args.amp is None:
+        args.amp = bf16_supported(device)
+    wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type)
+    chosen = find_checkpoints(args.model_dir, wanted)
+    rows = []
+    for category, (path, ckpt) in chosen.items():
+        if args.head_layer is not None and args.head_layer != ckpt["model"]["head_layer"]:
+            print(f"note: --head_layer {args.head_layer} ignored; {path.name} was trained with "
+                  f"--head_layer {ckpt['model']['head_layer']}")
+        rows.append(evaluate_category(args, category, path, ckpt, device))
+    frame = write_tables(rows, args.out_dir / args.model_dir.name)
+    print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories; "
+          f"tables in {args.out_dir / args.model_dir.name}")
+    return frame
+
+
+if __name__ == "__main__":
+    run_main(main)
