@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+
+import density
+import engine
+
+
+def sample(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(0.2, 2.0, d)
+    return torch.randn(n, d, generator=g) * scales
+
+
+@pytest.mark.parametrize("n,d", [(200, 16), (20, 64)])
+def test_ledoit_wolf_matches_sklearn(n, d):
+    x = sample(n, d, 0)
+    cov, shrink = density.ledoit_wolf(x)
+    ref = LedoitWolf().fit(x.double().numpy())
+    assert shrink == pytest.approx(ref.shrinkage_, rel=1e-6)
+    assert np.allclose(cov.numpy(), ref.covariance_, atol=1e-8)
+
+
+@pytest.mark.parametrize("n", [300, 40])  # 40 < 512: fewer images than dimensions
+def test_torch_and_sklearn_rank_alike(n):
+    train = density.normalize(sample(n, 512, 1))
+    test = density.normalize(torch.cat([sample(30, 512, 2), sample(10, 512, 3) * 3 + 0.5]))
+    s_torch = density.make_density("torch").fit(train).score(test)
+    s_sk = density.make_density("sklearn").fit(train).score(test)
+    assert torch.isfinite(s_torch).all()
+    assert torch.equal(torch.argsort(s_torch), torch.argsort(s_sk))
+    assert torch.allclose(s_torch, s_sk, rtol=1e-3)
+
+
+def test_outliers_score_higher_and_state_round_trip():
+    train = sample(500, 8, 4)
+    est = density.GaussianDensityTorch().fit(train)
+    inliers, outliers = sample(50, 8, 5), sample(50, 8, 6) + 4.0
+    assert est.score(outliers).min() > est.score(inliers).median()
+    again = density.GaussianDensityTorch.from_state_dict(est.state_dict())
+    assert torch.equal(again.score(inliers), est.score(inliers))
+
+
+def test_unknown_density_name():
+    with pytest.raises(ValueError, match="unknown density 'kde'"):
+        density.make_density("kde")
+
+
+def test_image_auroc_known_case():
+    assert engine.image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert engine.image_auroc([0, 1, 0, 1], [0.0, 1.0, 0.2, 0.9]) == 1.0
+    assert np.isnan(engine.image_auroc([0, 0], [0.1, 0.2]))
