@@ -49,12 +49,12 @@ def _defect_mask(kind: str, rng: np.random.Generator, size: int, lid) -> Image.I
         direction = rng.uniform(0, 2 * math.pi)
         pts = [(px + t * length * math.cos(direction + bend * t), py + t * length * math.sin(direction + bend * t))
                for t in np.linspace(-0.5, 0.5, 12)]
-        draw.line(pts, fill=255, width=max(1, size // 64))
+        draw.line(pts, fill=255, width=max(1, size // 32))
     elif kind == "hole":
         r = size * rng.uniform(0.03, 0.06)
         draw.ellipse([px - r, py - r, px + r, py + r], fill=255)
     elif kind == "stain":
-        r = size * rng.uniform(0.05, 0.09)
+        r = size * rng.uniform(0.06, 0.1)
         draw.ellipse([px - r, py - 0.7 * r, px + r, py + 0.7 * r], fill=255)
     elif kind == "missing":
         start = math.degrees(a_pos)
@@ -75,8 +75,8 @@ def _apply_defect(img: Image.Image, kind: str, mask: Image.Image, rng: np.random
     elif kind == "hole":
         color = np.array([0.05, 0.05, 0.05])
     elif kind == "stain":
-        color = np.array([0.55, 0.35, 0.15]) * rng.uniform(0.8, 1.1)
-        alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.5))).astype(np.float32)[..., None] / 255 * 0.8
+        color = np.array([0.6, 0.3, 0.1]) * rng.uniform(0.8, 1.1)
+        alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.0))).astype(np.float32)[..., None] / 255 * 0.9
     else:  # missing wedge shows the background
         color = np.array([0.85, 0.83, 0.80])
     out = arr * (1 - alpha) + color * alpha
@@ -84,7 +84,7 @@ def _apply_defect(img: Image.Image, kind: str, mask: Image.Image, rng: np.random
 
 
 def make_dataset(root: Path, category: str = DEMO_CATEGORY, size: int = 64, n_train: int = 60,
-                 n_test_good: int = 12, n_test_per_defect: int = 6, seed: int = 0) -> Path:
+                 n_test_good: int = 20, n_test_per_defect: int = 8, seed: int = 0) -> Path:
     """Write <root>/<category>/{train/good, test/<kind>, ground_truth/<kind>} PNGs; return the category folder."""
     rng = np.random.default_rng(seed)
     cat_dir = Path(root) / category
@@ -111,8 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--category", type=str, default=DEMO_CATEGORY, help=f"category name (default: {DEMO_CATEGORY})")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     parser.add_argument("--n_train", type=int, default=60, help="clean training images (default: 60)")
-    parser.add_argument("--n_test_good", type=int, default=12, help="clean test images (default: 12)")
-    parser.add_argument("--n_test_per_defect", type=int, default=6, help="test images per defect kind (default: 6)")
+    parser.add_argument("--n_test_good", type=int, default=20, help="clean test images (default: 20)")
+    parser.add_argument("--n_test_per_defect", type=int, default=8, help="test images per defect kind (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     return parser
 

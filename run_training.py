@@ -150,8 +150,9 @@ def train_category(args, category: str, device: torch.device) -> Path:
             model.freeze_backbone(False)
         x, y = make_batch(train_u8, args.variant, args.batch_size, gen)
         x = x.contiguous(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        lr = opt.param_groups[0]["lr"]
         loss, acc = train_step(step_model, opt, sched, x, y, device, args.amp)
-        pending.append((step, loss, acc, opt.param_groups[0]["lr"]))
+        pending.append((step, loss, acc, lr))
         if len(pending) >= args.log_every or step == args.epochs - 1:
             last_loss = flush_scalars(writer, pending, category)
             bar.set_postfix(loss=f"{last_loss:.4f}")

@@ -124,3 +124,11 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path, mvtec_root):
     one_line_error(run_script("eval.py", *args, cwd=tmp_path), path.name, "layout")
     path.write_bytes(path.read_bytes()[:1000])
     one_line_error(run_script("eval.py", *args, cwd=tmp_path), path.name, "truncated")
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = run_script("demo.py", "--size", "32", "--epochs", "3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert [ln for ln in res.stdout.splitlines() if "AUC" in ln][0].startswith("lid AUC: ")
+    assert (tmp_path / "demo_data" / "lid" / "ground_truth" / "stain").is_dir()
+    assert (tmp_path / "Eval" / "models_demo" / "lid" / "roc.png").exists()

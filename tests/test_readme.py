@@ -1,0 +1,19 @@
+"""The README documents every flag of every script."""
+from pathlib import Path
+
+import pytest
+
+import demo
+import demo_data
+import eval as eval_script
+import run_training
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("module", [run_training, eval_script, demo, demo_data])
+def test_every_flag_is_documented(module):
+    for action in module.get_args_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                assert f"`{flag}`" in README or f"`{flag} " in README, f"{module.__name__}: {flag} not in README"
