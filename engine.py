@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 from sklearn.metrics import roc_auc_score
-from torchvision.models import ResNet18_Weights
+from torchvision.models import get_model_weights
 
 import density as density_lib
 from common import CHECKPOINT_FORMAT, CutPasteError, atomic_save, autocast, code_version, load_pretrained_state
-from model import IMAGENET_MEAN, IMAGENET_STD, ProjectionNet, head_layers
+from model import DEFAULT_ARCH, IMAGENET_MEAN, IMAGENET_STD, ProjectionNet, head_layers
 
 # Images per forward pass when embedding for the density (no gradients, so it can be large).
 EMBED_BATCH = 128
@@ -16,15 +16,24 @@ EMBED_BATCH = 128
 CHECKPOINT_KEYS = ("format", "category", "config", "model", "state_dict", "density")
 
 
-def build_model(head_layer: int, num_classes: int) -> ProjectionNet:
-    return ProjectionNet(head_layers(head_layer), num_classes)
+def build_model(head_layer: int, num_classes: int, arch: str = DEFAULT_ARCH) -> ProjectionNet:
+    try:
+        return ProjectionNet(head_layers(head_layer), num_classes, arch)
+    except ValueError as err:
+        raise CutPasteError(f"--arch {arch}: {err}; give a torchvision classification model such as "
+                            f"resnet18, resnet50 or efficientnet_b0 ... efficientnet_b4") from None
+
+
+def imagenet_weights(arch: str):
+    """torchvision's default ImageNet weights for `arch` (IMAGENET1K_V1 for resnet18 and the efficientnets)."""
+    return get_model_weights(arch).DEFAULT
 
 
 def load_imagenet_backbone(model: ProjectionNet) -> None:
-    """Copy torchvision's ImageNet ResNet18 weights (IMAGENET1K_V1) into the backbone; the classifier is dropped."""
-    state = load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    model.resnet18.load_state_dict(state, strict=True)
+    """Copy torchvision's ImageNet weights for the model's architecture into the backbone; the classifier is dropped."""
+    state = load_pretrained_state(imagenet_weights(model.arch))
+    state = {k: v for k, v in state.items() if not k.startswith(f"{model.classifier_name}.")}
+    model.backbone.load_state_dict(state, strict=True)
 
 
 @torch.inference_mode()
@@ -70,8 +79,8 @@ def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, densi
         "seed": args.seed,
         "steps": steps,
         "config": config,
-        "model": {"arch": "resnet18", "head_layer": args.head_layer, "head_dims": head_layers(args.head_layer),
-                  "num_classes": model.out.out_features},
+        "model": {"arch": model.arch, "head_layer": args.head_layer, "head_dims": head_layers(args.head_layer),
+                  "num_classes": model.out.out_features, "embed_dim": model.embed_dim},
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "density": density.state_dict(),
@@ -103,7 +112,7 @@ def read_checkpoint(path: Path) -> dict:
 def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
     """Rebuild the model from the layout stored in the checkpoint and load its weights strictly."""
     layout = ckpt["model"]
-    model = build_model(layout["head_layer"], layout["num_classes"])
+    model = build_model(layout["head_layer"], layout["num_classes"], layout.get("arch", DEFAULT_ARCH))
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:

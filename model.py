@@ -1,4 +1,8 @@
-"""ResNet18 backbone + projection head (Li et al., CVPR 2021, section 4.1). Modules only: no I/O, no device choice."""
+"""Backbone + projection head (Li et al., CVPR 2021, section 4.1). Modules only: no I/O, no device choice.
+
+The paper uses ResNet18; any torchvision classification model whose classifier ends in a Linear
+layer can stand in for it (the earlier reimplementation's TODO asked for EfficientNet-B4).
+"""
 import torch
 from torch import nn
 from torchvision import models
@@ -11,7 +15,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # reimplementation's README: head_layer x 512, then 128, then the 2- or 3-way output.
 HEAD_WIDTH = 512
 HEAD_LAST = 128
-EMBED_DIM = 512  # ResNet18's pooled feature width
+DEFAULT_ARCH = "resnet18"  # the paper's backbone
 
 
 def head_layers(head_layer: int) -> list[int]:
@@ -19,36 +23,76 @@ def head_layers(head_layer: int) -> list[int]:
     return [HEAD_WIDTH] * head_layer + [HEAD_LAST]
 
 
-def resnet18_backbone() -> nn.Module:
-    """torchvision ResNet18 with its classifier removed: (B, 3, H, W) -> (B, 512)."""
-    net = models.resnet18(weights=None)
-    net.fc = nn.Identity()
-    return net
+def backbone_names() -> list[str]:
+    """Names of torchvision's classification models, the values --arch accepts."""
+    return models.list_models(module=models)
+
+
+def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier: the last nn.Linear in module order, with its dotted name."""
+    linears = [(name, mod) for name, mod in net.named_modules() if isinstance(mod, nn.Linear)]
+    if not linears:
+        raise ValueError("it has no Linear classifier to remove")
+    return linears[-1]
+
+
+def classification_backbone(arch: str) -> tuple[nn.Module, str, int]:
+    """torchvision model `arch` (random weights) with its last Linear layer replaced by Identity.
+
+    Returns (backbone, name of the removed layer, embedding width): (B, 3, H, W) -> (B, width), the
+    width being the removed layer's input size (512 for resnet18, 1280 for efficientnet_b0). Dropout
+    beside that layer goes too, so that training sees the same embedding the density is fitted on.
+    """
+    if arch not in backbone_names():
+        raise ValueError(f"unknown torchvision classification model {arch!r}")
+    net = models.get_model(arch, weights=None)
+    if getattr(net, "aux_logits", False):
+        raise ValueError(f"{arch} returns auxiliary classifier outputs while training, which are not supported")
+    try:
+        name, linear = _last_linear(net)
+    except ValueError as err:
+        raise ValueError(f"{arch}: {err}") from None
+    parent_name, _, leaf = name.rpartition(".")
+    parent = net.get_submodule(parent_name)
+    setattr(parent, leaf, nn.Identity())
+    for child_name, child in parent.named_children():
+        if isinstance(child, nn.Dropout):
+            setattr(parent, child_name, nn.Identity())
+    return net, name, linear.in_features
 
 
 class ProjectionNet(nn.Module):
     """Backbone + MLP head.
 
-    forward(x): x (B, 3, H, W) float in [0, 1] -> (embeds (B, 512), logits (B, num_classes)).
-    The embeddings (the backbone's pooled features) feed the Gaussian density; the logits the
-    self-supervised CutPaste classification loss.
+    forward(x): x (B, 3, H, W) float in [0, 1] -> (embeds (B, D), logits (B, num_classes)), with
+    D = embed_dim (512 for resnet18). The embeddings (the backbone's pooled features) feed the
+    Gaussian density; the logits the self-supervised CutPaste classification loss.
+
+    The backbone is registered under the architecture's name (self.resnet18 for resnet18), so that
+    resnet18 checkpoints keep the keys they always had; `backbone` reaches it whatever the name.
     """
 
-    def __init__(self, head_dims: list[int], num_classes: int):
+    def __init__(self, head_dims: list[int], num_classes: int, arch: str = DEFAULT_ARCH):
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.resnet18 = resnet18_backbone()
-        layers, width = [], EMBED_DIM
+        backbone, self.classifier_name, self.embed_dim = classification_backbone(arch)
+        self.arch = arch
+        self.add_module(arch, backbone)
+        layers, width = [], self.embed_dim
         for dim in head_dims:
             layers += [nn.Linear(width, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]
             width = dim
         self.head = nn.Sequential(*layers)
         self.out = nn.Linear(width, num_classes)
 
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self, self.arch)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 512) pooled backbone features."""
-        return self.resnet18((x - self.mean) / self.std)
+        """(B, 3, H, W) in [0, 1] -> (B, embed_dim) pooled backbone features."""
+        return self.backbone((x - self.mean) / self.std)
 
     def forward(self, x: torch.Tensor):
         embeds = self.embed(x)
@@ -56,5 +100,5 @@ class ProjectionNet(nn.Module):
 
     def freeze_backbone(self, frozen: bool) -> None:
         """Stop (or restart) gradient flow into the backbone, for the first --freeze_resnet steps."""
-        for param in self.resnet18.parameters():
+        for param in self.backbone.parameters():
             param.requires_grad_(not frozen)

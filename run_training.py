@@ -18,6 +18,7 @@ import engine
 from common import (CutPasteError, bf16_supported, make_generator, resolve_device, run_main,
                     seed_everything)
 from cutpaste import VARIANT_CLASSES, VARIANTS, make_batch
+from model import DEFAULT_ARCH, backbone_names
 
 # Section 4.1: SGD with momentum 0.9, weight decay 3e-5 (the paper's lr, 0.03, is --lr's default).
 SGD_MOMENTUM = 0.9
@@ -46,8 +47,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.03, help="learning rate, cosine-annealed over the steps (paper: 0.03)")
     p.add_argument("--optim", type=str, choices=("sgd", "adam"), default="sgd",
                    help=f"optimizer: sgd (paper: momentum {SGD_MOMENTUM}, weight decay {WEIGHT_DECAY}) or adam")
+    p.add_argument("--arch", type=str, default=DEFAULT_ARCH,
+                   help="backbone: any torchvision classification model by name, e.g. resnet18 (paper), resnet50, "
+                        "efficientnet_b0 ... efficientnet_b4")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from torchvision's ImageNet ResNet18 weights (paper); --no-pretrained from scratch")
+                   help="start from torchvision's ImageNet weights of --arch (paper: ResNet18); --no-pretrained "
+                        "from scratch")
     p.add_argument("--freeze_resnet", type=int, default=20,
                    help="with --pretrained, train only the head for this many first steps")
     p.add_argument("--head_layer", type=int, default=1,
@@ -69,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    if args.arch not in backbone_names():
+        raise CutPasteError(f"--arch {args.arch} is not a torchvision classification model; try resnet18, "
+                            f"resnet50 or efficientnet_b0 ... efficientnet_b4")
     for name in ("epochs", "batch_size", "size", "head_layer", "log_every"):
         if getattr(args, name) < (0 if name == "head_layer" else 1):
             raise CutPasteError(f"--{name} {getattr(args, name)} is out of range; give a positive number")
@@ -120,7 +128,7 @@ def test_auroc(model, train_u8, test_set, device, args) -> float:
 
 
 def prepare_model(args, device: torch.device):
-    model = engine.build_model(args.head_layer, VARIANT_CLASSES[args.variant])
+    model = engine.build_model(args.head_layer, VARIANT_CLASSES[args.variant], args.arch)
     if args.pretrained:
         engine.load_imagenet_backbone(model)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
