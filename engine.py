@@ -120,3 +120,27 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
         raise CutPasteError(f"{path} does not match the model layout it declares ({first[:200]}); "
                             f"it was written by other code: retrain it") from None
     return model
+
+
+def normalized_scores(train_scores: torch.Tensor, test_scores: torch.Tensor) -> torch.Tensor:
+    """Test scores standardised by the mean and standard deviation of the same model's clean training scores.
+
+    Mahalanobis distances of different models live on different scales; standardising each by its
+    own clean-data statistics puts them on one before an ensemble averages them.
+    """
+    train_scores = train_scores.double()
+    std = train_scores.std()
+    if not torch.isfinite(std) or std <= 0:
+        raise CutPasteError("cannot normalise anomaly scores: the clean training scores have no spread "
+                            "(fewer than 2 training images, or identical embeddings)")
+    return ((test_scores.double() - train_scores.mean()) / std).float()
+
+
+def ensemble_scores(members: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Average over models of normalized_scores(train, test): the ensemble's (N,) anomaly scores.
+
+    members: one (train scores (M_i,), test scores (N,)) pair per model, test images in the same order.
+    """
+    if not members:
+        raise ValueError("an ensemble needs at least one model")
+    return torch.stack([normalized_scores(train, test) for train, test in members]).mean(dim=0)

@@ -2,6 +2,7 @@
 
     python eval.py --model_dir models
     python eval.py --density sklearn --save_plots 0 | grep AUC
+    python eval.py --model_dir models --ensemble       # every checkpoint per category, scores averaged
 """
 import argparse
 from pathlib import Path
@@ -39,11 +40,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast for embedding; default: on where the device runs bf16 natively")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format")
+    p.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=False,
+                   help="score each category with every checkpoint for it in --model_dir (e.g. 5 seeds), averaging "
+                        "their density scores after standardising each by its clean training scores (the paper's "
+                        "ensemble, Table 1); tables go to out_dir/<model_dir name>_ensemble")
     return p
 
 
-def find_checkpoints(model_dir: Path, wanted: list[str] | None) -> dict[str, tuple[Path, dict]]:
-    """Newest checkpoint per category, matched by the category stored inside each file."""
+def checkpoints_by_category(model_dir: Path, wanted: list[str] | None) -> dict[str, list[tuple[Path, dict]]]:
+    """Every checkpoint per category, oldest first, matched by the category stored inside each file."""
     if not model_dir.is_dir():
         raise CutPasteError(f"model folder {model_dir} does not exist; train first or pass --model_dir")
     found: dict[str, list[tuple[Path, dict]]] = {}
@@ -57,7 +62,14 @@ def find_checkpoints(model_dir: Path, wanted: list[str] | None) -> dict[str, tup
         if cat not in found:
             raise CutPasteError(f"no checkpoint for category {cat!r} in {model_dir} "
                                 f"(found: {', '.join(sorted(found))}); train it or drop it from --type")
-        candidates = sorted(found[cat], key=lambda pc: (pc[1]["created"], pc[0].name))
+        chosen[cat] = sorted(found[cat], key=lambda pc: (pc[1]["created"], pc[0].name))
+    return chosen
+
+
+def find_checkpoints(model_dir: Path, wanted: list[str] | None) -> dict[str, tuple[Path, dict]]:
+    """Newest checkpoint per category, matched by the category stored inside each file."""
+    chosen = {}
+    for cat, candidates in checkpoints_by_category(model_dir, wanted).items():
         if len(candidates) > 1:
             print(f"note: {len(candidates)} checkpoints for {cat}; using the newest, {candidates[-1][0].name}")
         chosen[cat] = candidates[-1]
@@ -128,12 +140,76 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
     return frame
 
 
+def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, device: torch.device):
+    """One ensemble member's (clean training scores, test scores, test set), its Gaussian fitted as for a single
+    model; `data` caches the decoded images per image size across members."""
+    model = engine.model_from_checkpoint(ckpt, path)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).eval()
+    size = ckpt["size"]
+    if size not in data:
+        data[size] = (dataset.MVTecTrain(args.data_dir, category, size, args.workers),
+                      dataset.MVTecTest(args.data_dir, category, size, args.workers))
+    train, test_set = data[size]
+    train_emb = engine.embed_images(model, train.images, device, args.amp, args.channels_last)
+    test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
+    _, scores = engine.fit_and_score(train_emb, torch.cat([train_emb, test_emb]), args.density)
+    scores = scores.cpu()
+    return scores[:len(train_emb)], scores[len(train_emb):], test_set
+
+
+def _common(values: list):
+    """The value all members share, or NaN when they differ."""
+    return values[0] if len(set(values)) == 1 else float("nan")
+
+
+def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], device: torch.device) -> dict:
+    """Image AUROC of the members' standardised scores averaged (engine.ensemble_scores), beside the members' own."""
+    data, pairs, singles = {}, [], []
+    for path, ckpt in members:
+        train_scores, test_scores, test_set = member_scores(args, category, path, ckpt, data, device)
+        pairs.append((train_scores, test_scores))
+        singles.append(100 * engine.image_auroc(test_set.labels, test_scores))
+    scores = engine.ensemble_scores(pairs).numpy()
+    auroc = engine.image_auroc(test_set.labels, scores)
+    print(f"{category} AUC: {auroc}")
+    print(f"  ensemble of {len(members)}: single-model AUROC {np.mean(singles):.2f} +- {np.std(singles, ddof=1):.2f}% "
+          f"(min {np.min(singles):.2f}, max {np.max(singles):.2f})")
+    if args.save_plots:
+        out = args.out_dir / f"{args.model_dir.name}_ensemble" / category
+        if len(set(test_set.labels.tolist())) == 2:
+            plots.plot_roc(test_set.labels.numpy(), scores, auroc, f"{category}: ensemble image ROC", out / "roc.png")
+        plots.plot_score_hist(scores, test_set.defects, f"{category}: ensemble scores (standardised)",
+                              out / "score_hist.png")
+    variants = sorted({ckpt["variant"] for _, ckpt in members})
+    return {"category": category, "variant": "+".join(variants), "image_auroc": 100 * auroc,
+            "paper_image_auroc": paper_auroc(category, "ensemble"), "models": len(members),
+            "seeds": "+".join(str(ckpt["seed"]) for _, ckpt in members),
+            "single_image_auroc_mean": float(np.mean(singles)), "single_image_auroc_std": float(np.std(singles, ddof=1)),
+            "steps": _common([ckpt["steps"] for _, ckpt in members]),
+            "size": _common([ckpt["size"] for _, ckpt in members]), "density": args.density,
+            "checkpoint": " ".join(path.name for path, _ in members)}
+
+
+def ensemble_main(args, wanted: list[str] | None, device: torch.device) -> pd.DataFrame:
+    """--ensemble: one ensemble of every checkpoint per category in --model_dir."""
+    groups = checkpoints_by_category(args.model_dir, wanted)
+    rows = [evaluate_ensemble(args, category, members, device) for category, members in groups.items()]
+    out = args.out_dir / f"{args.model_dir.name}_ensemble"
+    frame = write_tables(rows, out)
+    print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories "
+          f"(ensembles); tables in {out}")
+    return frame
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = resolve_device(args.device, args.cuda)
     if args.amp is None:
         args.amp = bf16_supported(device)
     wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type)
+    if args.ensemble:
+        return ensemble_main(args, wanted, device)
     chosen = find_checkpoints(args.model_dir, wanted)
     rows = []
     for category, (path, ckpt) in chosen.items():
