@@ -172,8 +172,9 @@ def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], dev
         singles.append(100 * engine.image_auroc(test_set.labels, test_scores))
     scores = engine.ensemble_scores(pairs).numpy()
     auroc = engine.image_auroc(test_set.labels, scores)
+    spread = float(np.std(singles, ddof=1)) if len(singles) > 1 else float("nan")
     print(f"{category} AUC: {auroc}")
-    print(f"  ensemble of {len(members)}: single-model AUROC {np.mean(singles):.2f} +- {np.std(singles, ddof=1):.2f}% "
+    print(f"  ensemble of {len(members)}: single-model AUROC {np.mean(singles):.2f} +- {spread:.2f}% "
           f"(min {np.min(singles):.2f}, max {np.max(singles):.2f})")
     if args.save_plots:
         out = args.out_dir / f"{args.model_dir.name}_ensemble" / category
@@ -185,7 +186,7 @@ def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], dev
     return {"category": category, "variant": "+".join(variants), "image_auroc": 100 * auroc,
             "paper_image_auroc": paper_auroc(category, "ensemble"), "models": len(members),
             "seeds": "+".join(str(ckpt["seed"]) for _, ckpt in members),
-            "single_image_auroc_mean": float(np.mean(singles)), "single_image_auroc_std": float(np.std(singles, ddof=1)),
+            "single_image_auroc_mean": float(np.mean(singles)), "single_image_auroc_std": spread,
             "steps": _common([ckpt["steps"] for _, ckpt in members]),
             "size": _common([ckpt["size"] for _, ckpt in members]), "density": args.density,
             "checkpoint": " ".join(path.name for path, _ in members)}
