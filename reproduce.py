@@ -54,24 +54,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", type=str, choices=tuple(PRESETS), default="paper",
                    help="defaults for the options left unset: paper (MVTec AD in Data/, 256 px, 10000 steps) or "
                         "demo (the synthetic category, written to demo_data/ when missing; 64 px, 300 steps)")
-    p.add_argument("--data_dir", type=Path, default=None, help="MVTec AD root folder (default: from --preset)")
+    p.add_argument("--data_dir", type=Path, default=None, help="MVTec AD root folder; None takes it from --preset")
     p.add_argument("--type", type=str, default=None,
-                   help="comma-separated categories or 'all' (default: from --preset)")
+                   help="comma-separated categories or 'all'; None takes it from --preset")
     p.add_argument("--variants", type=str, default=",".join(PAPER_VARIANTS),
                    help="comma-separated CutPaste variants (Table 1: normal, scar, 3way)")
     p.add_argument("--seeds", type=str, default="0", help="comma-separated seeds, one run per seed and variant")
     p.add_argument("--arch", type=str, default=DEFAULT_ARCH, help="backbone, as run_training.py --arch")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                    help="start from ImageNet weights; Table 1's models are trained from scratch")
-    p.add_argument("--epochs", type=int, default=None, help="optimizer steps per model (default: from --preset)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: from --preset)")
-    p.add_argument("--batch_size", type=int, default=None, help="clean images per step (default: from --preset)")
-    p.add_argument("--head_layer", type=int, default=None, help="512-wide head layers (default: from --preset)")
+    p.add_argument("--epochs", type=int, default=None, help="optimizer steps per model; None takes it from --preset")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels; None takes it from --preset")
+    p.add_argument("--batch_size", type=int, default=None, help="clean images per step; None takes it from --preset")
+    p.add_argument("--head_layer", type=int, default=None, help="512-wide head layers; None takes it from --preset")
     p.add_argument("--test_epochs", type=int, default=None,
                    help="log the test AUROC every this many steps for the training curves; -1 disables "
-                        "(default: from --preset)")
+                        "None takes it from --preset")
     p.add_argument("--out_dir", type=Path, default=None,
-                   help="models/, logdirs/, eval/ and results.csv go here (default: runs/<preset>)")
+                   help="models/, logdirs/, eval/ and results.csv go here; None: runs/<preset>")
     p.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=False,
                    help="also score each category and variant with all --seeds together (eval.py --ensemble)")
     p.add_argument("--figures_dir", type=Path, default=None,
