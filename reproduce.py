@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None, help="clean images per step; None takes it from --preset")
     p.add_argument("--head_layer", type=int, default=None, help="512-wide head layers; None takes it from --preset")
     p.add_argument("--test_epochs", type=int, default=None,
-                   help="log the test AUROC every this many steps for the training curves; -1 disables "
+                   help="log the test AUROC every this many steps for the training curves; -1 disables; "
                         "None takes it from --preset")
     p.add_argument("--out_dir", type=Path, default=None,
                    help="models/, logdirs/, eval/ and results.csv go here; None: runs/<preset>")
