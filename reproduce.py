@@ -127,9 +127,11 @@ def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str
 
 
 def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
-    """Training options where the checkpoint differs from what this grid asks for."""
-    return [f"--{key} {ckpt['config'].get(key)} (asked: {value})" for key, value in sorted(expected.items())
-            if key not in RUNTIME_OPTIONS and ckpt["config"].get(key) != value]
+    """Training options where the checkpoint differs from what this grid asks for (options that the code
+    which wrote it did not have yet cannot differ)."""
+    config = ckpt["config"]
+    return [f"--{key} {config[key]} (asked: {value})" for key, value in sorted(expected.items())
+            if key not in RUNTIME_OPTIONS and key in config and config[key] != value]
 
 
 def finished_checkpoints(args, variant: str, seed: int, categories: list[str]) -> dict[str, tuple[Path, dict]]:
@@ -159,7 +161,8 @@ def read_results(path: Path) -> pd.DataFrame:
 
 
 def row_key(row) -> tuple:
-    return tuple(str(row[k]) for k in KEY)
+    """The KEY values as text, whole floats without their '.0' (a CSV column with a gap reads back as float)."""
+    return tuple(str(row[k]).removesuffix(".0") for k in KEY)
 
 
 def done_keys(results: pd.DataFrame) -> set[tuple]:
