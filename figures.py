@@ -81,7 +81,10 @@ def read_paper(path: Path) -> pd.DataFrame:
 
 
 def with_means(values: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per-seed means over categories appended as category 'mean' (so the bars' spread is over seeds)."""
+    """Per-seed means over categories appended as category 'mean' (so the bars' spread is over seeds);
+    nothing is appended for a single category."""
+    if values["category"].nunique() < 2:
+        return values
     means = values.groupby(["series", "seed"], as_index=False)[metric].mean().assign(category="mean")
     return pd.concat([values, means], ignore_index=True)
 
@@ -98,7 +101,8 @@ def bar_data(frame: pd.DataFrame, paper: pd.DataFrame, variant: str) -> pd.DataF
 
 def plot_bars(data: pd.DataFrame, variant: str, ymin: float, path: Path) -> Path:
     """Grouped bars per category (and the mean): our AUROC (mean, error bar = std over seeds) beside the paper's."""
-    order = category_order(data["category"][data["category"] != "mean"]) + ["mean"]
+    order = category_order(data["category"][data["category"] != "mean"])
+    order += ["mean"] if len(order) > 1 else []
     fig = Figure(figsize=(max(5.0, 0.8 * len(order) + 2) + 2.5, 4.2))
     ax = fig.subplots()
     hue_order = [s for s in data["series"].unique() if s != PAPER] + ([PAPER] if PAPER in set(data["series"]) else [])
@@ -109,7 +113,8 @@ def plot_bars(data: pd.DataFrame, variant: str, ymin: float, path: Path) -> Path
             ax.text(bar.get_x() + bar.get_width() / 2, ymin + 1, f"{bar.get_height():.1f}", rotation=90,
                     ha="center", va="bottom", fontsize=7, color="white")
     ax.set_ylim(ymin, 101)
-    ax.set(xlabel="", ylabel="image AUROC (%)", title=f"CutPaste ({variant}) beside Li et al., Table 1")
+    title = f"CutPaste ({variant}): image AUROC" + (" beside Li et al., Table 1" if PAPER in hue_order else "")
+    ax.set(xlabel="", ylabel="image AUROC (%)", title=title)
     ax.tick_params(axis="x", rotation=45 if len(order) > 4 else 0)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.text(0.01, 0.01, f"y axis starts at {ymin:g}% for readability; error bars: std over seeds",
@@ -127,7 +132,7 @@ def cell(values: pd.Series) -> str:
 def summary_table(frame: pd.DataFrame, paper: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
     """Categories (and their mean) by variant and series; mean ± std over seeds where there are several."""
     categories = category_order(frame["category"])
-    table = pd.DataFrame({"category": categories + ["mean"]})
+    table = pd.DataFrame({"category": categories + (["mean"] if len(categories) > 1 else [])})
     for variant in variant_order(frame["variant"]):
         rows = frame[(frame["variant"] == variant) & frame[metric].notna()]
         for series in rows["series"].unique():
