@@ -56,11 +56,15 @@ def load_results(path: Path) -> pd.DataFrame:
         raise CutPasteError(f"{path} is not a reproduce.py results table (missing {', '.join(missing) or 'rows'})")
     frame["models"] = frame["models"].fillna(1).astype(int) if "models" in frame else 1
     init = frame["pretrained"].astype(str).map(lambda p: "ImageNet" if p == "True" else "scratch")
-    frame["setting"] = (frame["backbone"] + ", " + init + ", " + frame["steps"].astype(str) + " steps, "
-                        + frame["size"].astype(str) + " px")
-    kind = frame["models"].map(lambda n: "this implementation" if n == 1 else f"ensemble of {n}")
-    several = frame["setting"].nunique() > 1
-    frame["series"] = frame["setting"] + ": " + kind if several else kind
+    parts = pd.DataFrame({"backbone": frame["backbone"].astype(str), "init": init,
+                          "steps": frame["steps"].astype(str) + " steps", "size": frame["size"].astype(str) + " px"})
+    frame["setting"] = parts.agg(", ".join, axis=1)
+    # Series labels name only what differs between the settings present; settings_text lists them in full.
+    differing = [c for c in parts if parts[c].nunique() > 1]
+    frame["short_setting"] = parts[differing].agg(", ".join, axis=1) if differing else ""
+    kind = frame["models"].map(lambda n: "" if n == 1 else f"ensemble of {n}")
+    frame["series"] = [", ".join(x for x in (short, k) if x) or "this implementation"
+                       for short, k in zip(frame["short_setting"], kind)]
     return frame
 
 
@@ -151,9 +155,10 @@ def summary_table(frame: pd.DataFrame, paper: pd.DataFrame, metric: str = "image
 def settings_text(frame: pd.DataFrame) -> str:
     lines = []
     for setting, rows in frame.groupby("setting"):
-        seeds = sorted({s for s in rows["seed"] if "+" not in s}, key=int)
         extra = "".join(f", {col} {rows[col].iloc[0]}" for col in ("batch_size", "head_layer") if col in rows)
-        lines.append(f"- {setting}{extra}; seeds {', '.join(seeds)}")
+        seeds = "; ".join(f"{variant} {', '.join(sorted({s for s in v['seed'] if '+' not in s}, key=int))}"
+                          for variant, v in rows.groupby("variant"))
+        lines.append(f"- {setting}{extra}; seeds: {seeds}")
     return "\n".join(lines)
 
 
@@ -193,7 +198,7 @@ def curve_data(frame: pd.DataFrame, window: int) -> pd.DataFrame:
                 lambda v: v.rolling(window, min_periods=1).mean())
             scalars.loc[scalars["tag"] == "lr", "smooth"] = scalars["value"]  # a schedule, nothing to average
             parts.append(scalars.assign(category=row["category"], seed=row["seed"], variant=row["variant"],
-                                        setting=row["setting"]))
+                                        setting=row["setting"], short_setting=row["short_setting"]))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -238,9 +243,9 @@ def main(argv=None) -> list[Path]:
         written.append(plot_bars(bar_data(frame, paper, variant), variant, args.ymin,
                                  args.out_dir / f"bars_{slug(variant)}.png"))
     curves = curve_data(frame, args.window) if args.curves else pd.DataFrame()
-    several = frame["setting"].nunique() > 1
-    for (variant, setting), data in (curves.groupby(["variant", "setting"]) if not curves.empty else []):
-        name = f"curves_{slug(variant)}" + (f"_{slug(setting)}" if several else "") + ".png"
+    for (variant, setting, short), data in (curves.groupby(["variant", "setting", "short_setting"])
+                                            if not curves.empty else []):
+        name = f"curves_{slug(variant)}" + (f"_{slug(short)}" if short else "") + ".png"
         written.append(plot_curves(data, f"CutPaste ({variant}), {setting}", args.window, args.out_dir / name))
     print("wrote " + ", ".join(str(p) for p in written))
     return written
