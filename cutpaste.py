@@ -52,18 +52,12 @@ def sample_jitter(n: int, gen: torch.Generator, strength: float = COLOR_JITTER) 
                         _uniform(n, -strength, strength, gen))
 
 
-def _grayscale(images: torch.Tensor) -> torch.Tensor:
-    weights = images.new_tensor(_LUMA).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
-
-
-def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    factor = factor.view(-1, 1, 1, 1)
-    return (factor * images + (1 - factor) * other).clamp(0, 1)
+def _luma(like: torch.Tensor) -> torch.Tensor:
+    return like.new_tensor(_LUMA)
 
 
 def _hue_rotation(hue: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3) RGB matrices rotating the chroma plane of YIQ by 2*pi*hue."""
+    """(B, 3, 3) RGB matrices rotating the chroma plane of YIQ by 2*pi*hue (greys stay fixed)."""
     to_yiq = hue.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     angle = 2 * math.pi * hue
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -73,18 +67,38 @@ def _hue_rotation(hue: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
+def jitter_affine(images: torch.Tensor, p: JitterParams):
+    """The jitter as one colour transform per image: (B, 3, 3) matrices and (B, 3) offsets.
+
+    Brightness (x -> b x), contrast (blend with the grey mean), saturation (blend with the
+    greyscale image) and hue are each linear in x, so their composition is x -> M x + o.
+    Contrast's grey mean is that of the brightness-scaled image, b * mean(gray(x)).
+    """
+    b = images.shape[0]
+    luma = _luma(images).float()
+    gray_mean = torch.einsum("c,bchw->b", luma, images.float()) / (images.shape[2] * images.shape[3])
+    eye = torch.eye(3, device=images.device).expand(b, 3, 3)
+    to_gray = torch.ones(3, 1, device=images.device) @ luma.view(1, 3)
+    sat = p.saturation.view(-1, 1, 1)
+    mats = _hue_rotation(p.hue.float()) @ (sat * eye + (1 - sat) * to_gray)
+    mats = mats * (p.contrast * p.brightness).view(-1, 1, 1)
+    # Hue and saturation fix greys, so the contrast offset passes through them unchanged.
+    offset = ((1 - p.contrast) * p.brightness * gray_mean).view(-1, 1).expand(b, 3)
+    return mats, offset
+
+
 def apply_jitter(images: torch.Tensor, p: JitterParams) -> torch.Tensor:
     """Brightness, contrast, saturation, then hue, each with its own factor per image.
 
     Brightness/contrast/saturation follow torchvision's formulas (blend with black, the grey
-    mean, the greyscale image). Hue is a rotation of the YIQ chroma plane, a linear stand-in
-    for torchvision's HSV hue shift that runs as one batched matrix product.
+    mean, the greyscale image); hue is a rotation of the YIQ chroma plane, a linear stand-in
+    for torchvision's HSV hue shift. All four are fused into one affine colour transform and a
+    single clamp to [0, 1] (torchvision clamps after each step; results differ only where an
+    intermediate step leaves [0, 1]). One batched matrix product instead of a dozen image passes.
     """
-    out = _blend(images, torch.zeros_like(images), p.brightness)
-    out = _blend(out, _grayscale(out).mean(dim=(2, 3), keepdim=True), p.contrast)
-    out = _blend(out, _grayscale(out), p.saturation)
-    mats = _hue_rotation(p.hue.float()).to(out.dtype)
-    return torch.einsum("bij,bjhw->bihw", mats, out).clamp(0, 1)
+    mats, offset = jitter_affine(images, p)
+    out = torch.einsum("bij,bjhw->bihw", mats.to(images.dtype), images)
+    return out.add_(offset.to(images.dtype).view(-1, 3, 1, 1)).clamp_(0, 1)
 
 
 @dataclass(frozen=True)

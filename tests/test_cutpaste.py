@@ -111,3 +111,16 @@ def test_batch_larger_than_dataset_and_bad_variant():
     assert x.shape[0] == 16
     with pytest.raises(ValueError, match="unknown variant"):
         cp.make_batch(images, "mixup", 2, gen())
+
+
+def test_fused_jitter_matches_torchvision_where_nothing_clips():
+    from torchvision.transforms.v2 import functional as TF
+    images = 0.35 + 0.3 * torch.rand(4, 3, 12, 10, generator=gen(13))
+    p = cp.sample_jitter(4, gen(14))
+    p = cp.JitterParams(p.brightness, p.contrast, p.saturation, torch.zeros(4))
+    ours = cp.apply_jitter(images, p)
+    for i in range(4):
+        ref = TF.adjust_brightness(images[i], p.brightness[i].item())
+        ref = TF.adjust_contrast(ref, p.contrast[i].item())
+        ref = TF.adjust_saturation(ref, p.saturation[i].item())
+        assert torch.allclose(ours[i], ref, atol=1e-5)

@@ -132,3 +132,14 @@ def test_demo_runs_end_to_end(tmp_path):
     assert [ln for ln in res.stdout.splitlines() if "AUC" in ln][0].startswith("lid AUC: ")
     assert (tmp_path / "demo_data" / "lid" / "ground_truth" / "stain").is_dir()
     assert (tmp_path / "Eval" / "models_demo" / "lid" / "roc.png").exists()
+
+
+def test_benchmark_smoke(tmp_path, mvtec_root):
+    import benchmark
+    rows = benchmark.main(["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4",
+                           "--steps", "1", "--warmup", "1", "--ref_workers", "0", "--workers", "0",
+                           "--out", str(tmp_path / "bench.md")])
+    for key in ("ours: end-to-end img/s", "ours: pipeline efficiency", "reference: end-to-end img/s",
+                "ours: eval s", "speed-up eval (reference / ours)", "peak RSS MiB"):
+        assert rows[key] > 0, key
+    assert "| ours: model step img/s |" in (tmp_path / "bench.md").read_text()

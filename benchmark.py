@@ -1,0 +1,236 @@
+"""Throughput benchmark: augmentation, training step, end-to-end training, evaluation, peak memory.
+
+Measures this project's pipeline and, in the same run, a reference pipeline built the way the
+earlier PyTorch reimplementation works (per-image PIL CutPaste in DataLoader workers, float32,
+NCHW; per-image PIL loading for evaluation), so the speed-ups are ratios from one run.
+
+    python benchmark.py --data_dir ../shared/data/mvtec_bottle_256 --type bottle --out doc/benchmark_cpu.md
+"""
+import argparse
+import math
+import platform
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+import dataset
+import engine
+from common import bf16_supported, make_generator, resolve_device, run_main, seed_everything
+from cutpaste import (CUTPASTE_AREA_RATIO, CUTPASTE_ASPECT_RATIO, COLOR_JITTER, VARIANT_CLASSES, VARIANTS,
+                     make_batch)
+from run_training import make_optimizer, train_step
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark training and evaluation throughput.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", type=Path, default=None,
+                   help="MVTec-layout root; without it, random images are used and evaluation is skipped")
+    p.add_argument("--type", type=str, default="bottle", help="category to load from --data_dir")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--variant", type=str, choices=VARIANTS, default="normal", help="CutPaste variant")
+    p.add_argument("--batch_size", type=int, default=32, help="clean images per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the reference pipeline (per-image PIL, float32, NCHW)")
+    p.add_argument("--ref_workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure the model step under torch.compile")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--workers", type=int, default=4, help="threads that decode images")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as markdown to this file")
+    return p
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, steps: int, warmup: int) -> float:
+    """Seconds per call of fn, after warm-up calls, with the device synchronised around the timing."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+class ReferenceCutPaste(Dataset):
+    """The reference data path: decode-free PIL images, ColorJitter and CutPaste per image in PIL."""
+
+    def __init__(self, images_u8: torch.Tensor, length: int):
+        self.pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images_u8]
+        self.length = length
+        self.jitter = T.ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER, COLOR_JITTER)
+        # The model normalises internally, so the reference stops at float tensors.
+        self.to_tensor = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, idx):
+        img = self.jitter(self.pil[idx % len(self.pil)])
+        w, h = img.size
+        area = random.uniform(*CUTPASTE_AREA_RATIO) * w * h
+        aspect = math.exp(random.uniform(*(math.log(r) for r in CUTPASTE_ASPECT_RATIO)))
+        pw, ph = min(w, max(1, int((area * aspect) ** 0.5))), min(h, max(1, int((area / aspect) ** 0.5)))
+        x0, y0 = random.randint(0, w - pw), random.randint(0, h - ph)
+        patch = self.jitter(img.crop((x0, y0, x0 + pw, y0 + ph)))
+        out = img.copy()
+        out.paste(patch, (random.randint(0, w - pw), random.randint(0, h - ph)))
+        return self.to_tensor(img), self.to_tensor(out)
+
+
+def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_model: bool) -> dict:
+    """Augmentation, model-only step and end-to-end step of this project's pipeline (img/s of the model's batch)."""
+    seed_everything(0)
+    gen = make_generator(device, 0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = engine.build_model(1, VARIANT_CLASSES[args.variant]).to(device, memory_format=fmt)
+    step_model = torch.compile(model) if compile_model else model
+    opt, sched = make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
+    x, y = make_batch(images_u8, args.variant, args.batch_size, gen)
+    n = x.shape[0]
+    aug = timed(lambda: make_batch(images_u8, args.variant, args.batch_size, gen), device, args.steps, args.warmup)
+    x_fmt = x.contiguous(memory_format=fmt)
+    model_only = timed(lambda: train_step(step_model, opt, sched, x_fmt, y, device, amp), device, args.steps,
+                       args.warmup)
+
+    def end_to_end():
+        xb, yb = make_batch(images_u8, args.variant, args.batch_size, gen)
+        return train_step(step_model, opt, sched, xb.contiguous(memory_format=fmt), yb, device, amp)
+
+    e2e = timed(end_to_end, device, args.steps, args.warmup)
+    return {"augmentation img/s": n / aug, "model step img/s": n / model_only, "end-to-end img/s": n / e2e,
+            "pipeline efficiency": model_only / e2e, "end-to-end s/step": e2e}
+
+
+def bench_reference(args, images_u8, device) -> dict:
+    """The reference: PIL CutPaste per image in DataLoader workers, float32 NCHW (variant normal)."""
+    seed_everything(0)
+    model = engine.build_model(1, 2).to(device)
+    opt, sched = make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
+    steps = args.steps + args.warmup
+    data = ReferenceCutPaste(images_u8.cpu(), steps * args.batch_size)
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.ref_workers,
+                        persistent_workers=args.ref_workers > 0)
+    it = iter(loader)
+
+    def end_to_end():
+        clean, aug = next(it)
+        xb = torch.cat([clean, aug]).to(device)
+        yb = torch.arange(2, device=device).repeat_interleave(clean.shape[0])
+        return train_step(model, opt, sched, xb, yb, device, False)
+
+    e2e = timed(end_to_end, device, args.steps, args.warmup)
+    return {"end-to-end img/s": 2 * args.batch_size / e2e, "end-to-end s/step": e2e}
+
+
+def bench_eval(args, device, amp: bool) -> dict:
+    """Seconds to evaluate one category: decode, embed train and test, fit the density, score."""
+    model = engine.build_model(1, 2).to(device, memory_format=torch.channels_last).eval()
+    start = time.perf_counter()
+    train = dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers)
+    test = dataset.MVTecTest(args.data_dir, args.type, args.size, args.workers)
+    decoded = time.perf_counter()
+    train_emb = engine.embed_images(model, train.images, device, amp, True)
+    test_emb = engine.embed_images(model, test.images, device, amp, True)
+    engine.fit_and_score(train_emb, test_emb)
+    sync(device)
+    end = time.perf_counter()
+    n = len(train) + len(test)
+    return {"eval s": end - start, "eval decode s": decoded - start, "eval embed img/s": n / (end - decoded)}
+
+
+def bench_reference_eval(args, device) -> dict:
+    """Reference evaluation: per-image PIL loading in a DataLoader (no workers), float32 NCHW, sklearn density."""
+    model = engine.build_model(1, 2).to(device).eval()
+    tf = T.Compose([T.Resize((args.size, args.size)), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+    class Files(Dataset):
+        def __init__(self, paths):
+            self.paths = paths
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            return tf(Image.open(self.paths[i]).convert("RGB"))
+
+    start = time.perf_counter()
+    embeds = []
+    for paths in (dataset.list_train_images(args.data_dir, args.type),
+                  [it.path for it in dataset.list_test_items(args.data_dir, args.type)]):
+        with torch.no_grad():
+            embeds.append(torch.cat([model.embed(x.to(device)) for x in DataLoader(Files(paths), batch_size=64)]))
+    engine.fit_and_score(embeds[0].cpu(), embeds[1].cpu(), "sklearn")
+    return {"eval s": time.perf_counter() - start}
+
+
+def peak_memory(device) -> dict:
+    out = {"peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak CUDA MiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
+def load_images(args, device) -> torch.Tensor:
+    if args.data_dir is None:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (max(64, args.batch_size), 3, args.size, args.size), generator=gen,
+                             dtype=torch.uint8).to(device)
+    return dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers).images.to(device)
+
+
+def report(args, device, amp, rows: dict) -> str:
+    lines = [f"# Benchmark ({device}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads)", "",
+             f"size {args.size}, variant {args.variant}, batch_size {args.batch_size} clean images per step, "
+             f"{args.steps} timed steps after {args.warmup} warm-up; ours with bf16 autocast "
+             f"{'on' if amp else 'off'}", "", "| measurement | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.3f} |" if isinstance(value, float) else f"| {name} | {value} |"
+              for name, value in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp = bf16_supported(device)
+    images = load_images(args, device)
+    rows = {f"ours: {k}": v for k, v in bench_ours(args, images, device, amp, True, False).items()}
+    rows.update({f"ours fp32 NCHW: {k}": v for k, v in bench_ours(args, images, device, False, False, False).items()})
+    if args.compile:
+        rows.update({f"ours compiled: {k}": v for k, v in bench_ours(args, images, device, amp, True, True).items()})
+    if args.reference:
+        rows.update({f"reference: {k}": v for k, v in bench_reference(args, images, device).items()})
+        rows["speed-up end-to-end (ours / reference)"] = rows["ours: end-to-end img/s"] / rows["reference: end-to-end img/s"]
+    if args.data_dir is not None:
+        rows.update({f"ours: {k}": v for k, v in bench_eval(args, device, amp).items()})
+        if args.reference:
+            rows["reference: eval s"] = bench_reference_eval(args, device)["eval s"]
+            rows["speed-up eval (reference / ours)"] = rows["reference: eval s"] / rows["ours: eval s"]
+    rows.update(peak_memory(device))
+    text = report(args, device, amp, rows)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)
