@@ -49,7 +49,7 @@ def test_figures_written_from_the_csv(grid):
     assert (out / "doc" / "results.csv").read_text() == (out / "runs" / "results.csv").read_text()
     text = (out / "doc" / "table.md").read_text()
     assert "normal: this implementation" in text and "normal: ensemble of 2" in text
-    assert "3 steps, 32 px" in text and "seeds 0, 1" in text
+    assert "3 steps, 32 px" in text and "seeds: normal 0, 1" in text
 
 
 def test_finished_grid_is_skipped(grid, mvtec_root, monkeypatch):
