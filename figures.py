@@ -121,8 +121,8 @@ def plot_bars(data: pd.DataFrame, variant: str, ymin: float, path: Path) -> Path
     ax.set(xlabel="", ylabel="image AUROC (%)", title=title)
     ax.tick_params(axis="x", rotation=45 if len(order) > 4 else 0)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-    fig.text(0.01, 0.01, f"y axis starts at {ymin:g}% for readability; error bars: std over seeds",
-             fontsize=7, color="grey")
+    fig.text(0.01, 0.01, f"y axis starts at {ymin:g}% for readability; error bars (several seeds): "
+                         "std over seeds", fontsize=7, color="grey")
     return save(fig, path)
 
 
