@@ -203,7 +203,9 @@ def overlay_image(image_u8: torch.Tensor, label: str, score: float, threshold: f
     draw = ImageDraw.Draw(img)
     width = max(2, round(FRAME_FRACTION * img.width))
     draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=FRAME_COLOURS[label], width=width)
-    draw.text((width + 2, width + 2), f"{label} {score:.2f} (thr {threshold:.2f})", fill=FRAME_COLOURS[label])
+    text, origin = f"{label} {score:.2f} (thr {threshold:.2f})", (width + 2, width + 2)
+    draw.rectangle(draw.textbbox(origin, text), fill=(0, 0, 0))  # legible on light and dark images
+    draw.text(origin, text, fill=FRAME_COLOURS[label])
     return img
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def lid_checkpoint(tmp_path_factory, mvtec_root) -> Path:
     out = tmp_path_factory.mktemp("predict_model")
     (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(out / "models"),
-                                 "--log_dir", str(out / "logdirs"), "--size", "32", "--epochs", "6", "--batch_size",
+                                 "--log_dir", str(out / "logdirs"), "--size", "32", "--epochs", "4", "--batch_size",
                                  "4", "--no-pretrained", "--variant", "normal", "--workers", "0", "--log_every", "3"])
     return path
 
@@ -33,10 +33,11 @@ def test_detector_scores_paths_pil_and_tensors_alike(lid_checkpoint, mvtec_root)
     paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")]
     scores = det.score(paths)
     assert scores.shape == (len(paths),) and torch.isfinite(scores).all()
-    assert torch.equal(det.score(dataset.load_images(paths, 32)), scores)
+    assert torch.equal(det.score(dataset.load_images(paths, 32)), scores), "same batch, same numbers"
     with Image.open(paths[0]) as img:
-        assert torch.equal(det.score([img]), scores[:1])
-    assert det.score(paths[0]).shape == (1,)
+        single = det.score([img])
+    # Another batch size may take other kernels (bf16 autocast on some CPUs): equal up to rounding.
+    assert torch.allclose(single, scores[:1], rtol=2e-2) and torch.equal(det.score(paths[0]), single)
     assert det.heatmaps(paths[:2]) is None, "an image-level model has no heatmap"
 
 
@@ -44,10 +45,21 @@ def test_threshold_is_a_quantile_of_held_out_clean_scores(lid_checkpoint):
     det = predict.Detector.load(lid_checkpoint, device="cpu")
     ckpt = torch.load(lid_checkpoint, weights_only=True)
     assert det.calibration_source.startswith("held-out") and ckpt["heldout_scores"].shape == (16,)
-    assert det.threshold(0.5) == pytest.approx(float(ckpt["heldout_scores"].double().median()), rel=1e-6)
+    ordered = ckpt["heldout_scores"].double().sort().values
+    assert det.threshold(0.5) == pytest.approx(float(ordered[7] + ordered[8]) / 2, rel=1e-6), "16 scores: midway"
     assert det.threshold(1.0) == pytest.approx(float(ckpt["heldout_scores"].max()))
     with pytest.raises(ValueError, match="outside"):
         det.threshold(1.5)
+
+
+def test_older_checkpoint_without_held_out_scores_falls_back_to_in_sample(tmp_path, lid_checkpoint):
+    ckpt = torch.load(lid_checkpoint, weights_only=True)
+    del ckpt["heldout_scores"]
+    older = tmp_path / "older.tch"
+    torch.save(ckpt, older)
+    det = predict.Detector.load(older, device="cpu")
+    assert det.calibration_source.startswith("in-sample")
+    assert det.threshold(1.0) == pytest.approx(float(ckpt["train_scores"].max()))
 
 
 def test_heldout_scores_leave_each_image_out():
@@ -86,7 +98,7 @@ def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_che
     printed = capsys.readouterr()
     assert "zz_truncated.png" in printed.err and "accuracy: " in printed.out
     report = predict.truth_report(results)
-    assert report["images"] == n_test and report["true_negatives"] + report["false_positives"] == 5
+    assert report["images"] == n_test and report["true_negatives"] + report["false_positives"] == 4
     overlays = sorted(p.name for p in (tmp_path / "overlays").iterdir())
     assert len(overlays) == n_test and "good__000.png" in overlays and "hole__000.png" in overlays
 

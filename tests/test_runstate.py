@@ -18,8 +18,8 @@ import run_training
 import runstate
 from common import CutPasteError
 
-TINY = ["--size", "32", "--epochs", "8", "--batch_size", "4", "--log_every", "2", "--workers", "0",
-        "--save_every", "3"]
+TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--log_every", "2", "--workers", "0",
+        "--save_every", "2"]
 
 
 def train(root, data, *extra):
@@ -61,19 +61,19 @@ def same_checkpoints(a, b):
 
 
 def test_crash_then_resume_equals_uninterrupted_run(tmp_path, mvtec_root, monkeypatch, offline_imagenet):
-    # Pretrained with a 4-step frozen backbone: the crash after the state at step 3 resumes frozen,
-    # with momentum buffers for the head only, and unfreezes at step 4 as the uninterrupted run does.
-    extra = ["--type", "lid", "--variant", "3way", "--freeze_resnet", "4"]
+    # Pretrained with a 3-step frozen backbone: the crash after the state at step 2 resumes frozen,
+    # with momentum buffers for the head only, and unfreezes at step 3 as the uninterrupted run does.
+    extra = ["--type", "lid", "--variant", "3way", "--freeze_resnet", "3"]
     (reference,) = train(tmp_path / "a", mvtec_root, *extra)
     assert not runstate.state_path(tmp_path / "a" / "models", "lid").exists(), "a finished run drops its state"
 
     def crash():
         raise RuntimeError("simulated crash")
-    real_step = fail_at_call(monkeypatch, 6, crash)
+    real_step = fail_at_call(monkeypatch, 4, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tmp_path / "b", mvtec_root, *extra)
     state = torch.load(runstate.state_path(tmp_path / "b" / "models", "lid"), weights_only=True)
-    assert state["step"] == 3 and not list((tmp_path / "b" / "models").glob("*.tch"))
+    assert state["step"] == 2 and not list((tmp_path / "b" / "models").glob("*.tch"))
     monkeypatch.setattr(run_training, "train_step", real_step)
     (resumed,) = train(tmp_path / "b", mvtec_root, *extra, "--resume")
     assert resumed.name.startswith(state["run_name"])
@@ -81,9 +81,9 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, mvtec_root, monkey
 
     run_dir = tmp_path / "b" / "logdirs" / state["run_name"]
     losses = [r["step"] for r in records.read_scalars(run_dir) if r["tag"] == "loss"]
-    assert losses == list(range(8)), "each step logged once, the crashed session's tail dropped"
+    assert losses == list(range(6)), "each step logged once, the crashed session's tail dropped"
     sessions = json.loads((run_dir / "run.json").read_text())["sessions"]
-    assert [s["start_step"] for s in sessions] == [0, 3]
+    assert [s["start_step"] for s in sessions] == [0, 2]
     assert sessions[0]["code_version"] and sessions[0]["libraries"]["torch"] == torch.__version__.split("+")[0]
     args = json.loads((run_dir / "args.json").read_text())
     assert list(args) == sorted(args) and args["variant"] == "3way"
@@ -94,13 +94,13 @@ def test_ctrl_c_saves_exits_and_resumes_identically(tmp_path, mvtec_root, monkey
     extra = ["--type", "cap", "--variant", "scar", "--no-pretrained", "--save_every", "0"]
     (reference,) = train(tmp_path / "a", mvtec_root, *extra)
     handler = signal.getsignal(signal.SIGINT)
-    fail_at_call(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    fail_at_call(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(SystemExit) as stopped:
         train(tmp_path / "b", mvtec_root, *extra)
     assert stopped.value.code == 130
     assert signal.getsignal(signal.SIGINT) is handler, "the previous handler is restored"
     state = torch.load(runstate.state_path(tmp_path / "b" / "models", "cap"), weights_only=True)
-    assert state["step"] == 5, "the step in flight completes, then the state is saved"
+    assert state["step"] == 3, "the step in flight completes, then the state is saved"
     monkeypatch.undo()
     (resumed,) = train(tmp_path / "b", mvtec_root, *extra, "--resume")
     same_checkpoints(reference, resumed)
@@ -113,20 +113,21 @@ def test_failed_category_keeps_the_others_and_finished_ones_are_skipped(tmp_path
     good_bytes = bad.read_bytes()
     bad.write_bytes(good_bytes[:50])
     models = tmp_path / "models"
+    fast = ["--no-pretrained", "--variant", "normal", "--epochs", "2"]  # this test is about the bookkeeping
     with pytest.raises(CutPasteError, match=r"1 of 2 categories failed: lid \(cannot read image .*002.png"):
-        train(tmp_path, data, "--no-pretrained", "--variant", "normal")
+        train(tmp_path, data, *fast)
     table = pd.read_csv(models / "train_results.csv")
     assert list(table["category"]) == ["cap", "lid"] and list(table["status"]) == ["trained", "failed"]
     (cap,) = models.glob("model-cap-*.tch")
     bad.write_bytes(good_bytes)
-    paths = train(tmp_path, data, "--no-pretrained", "--variant", "normal")
+    paths = train(tmp_path, data, *fast)
     assert cap in paths and list(models.glob("model-cap-*.tch")) == [cap], "cap skipped, not retrained"
     assert list(pd.read_csv(models / "train_results.csv")["status"]) == ["skipped", "trained"]
-    assert train(tmp_path, data, "--no-pretrained", "--variant", "normal", "--type", "cap", "--resume") == [cap]
-    other = run_training.get_args_parser().parse_args(["--epochs", "9", "--no-pretrained", "--variant", "normal",
+    assert train(tmp_path, data, *fast, "--type", "cap", "--resume") == [cap]
+    other = run_training.get_args_parser().parse_args(["--epochs", "3", "--no-pretrained", "--variant", "normal",
                                                        "--size", "32", "--batch_size", "4"])
     assert runstate.finished_checkpoints(models, other) == {}, "other settings are another run"
-    train(tmp_path, data, "--no-pretrained", "--variant", "normal", "--type", "cap", "--resume", "--retrain")
+    train(tmp_path, data, *fast, "--type", "cap", "--resume", "--retrain")
     assert len(list(models.glob("model-cap-*.tch"))) == 2, "--retrain trains a finished category again"
 
 
@@ -184,7 +185,7 @@ def test_full_disk_during_a_state_write_keeps_the_previous_state(tmp_path, monke
 
 
 def test_full_disk_at_the_final_checkpoint_keeps_the_trained_state(tmp_path, mvtec_root, monkeypatch):
-    extra = ["--type", "cap", "--variant", "normal", "--no-pretrained"]
+    extra = ["--type", "cap", "--variant", "normal", "--no-pretrained", "--epochs", "2"]
 
     def disk_full(ckpt, path):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -192,7 +193,7 @@ def test_full_disk_at_the_final_checkpoint_keeps_the_trained_state(tmp_path, mvt
     with pytest.raises(CutPasteError, match=r"could not write checkpoint .*No space left.*rerun with --resume"):
         train(tmp_path, mvtec_root, *extra)
     state_file = runstate.state_path(tmp_path / "models", "cap")
-    assert torch.load(state_file, weights_only=True)["step"] == 8
+    assert torch.load(state_file, weights_only=True)["step"] == 2
     monkeypatch.undo()
     (path,) = train(tmp_path, mvtec_root, *extra, "--resume")
-    assert engine.read_checkpoint(path)["steps"] == 8 and not state_file.exists()
+    assert engine.read_checkpoint(path)["steps"] == 2 and not state_file.exists()
