@@ -8,7 +8,12 @@ Layout (Bergmann et al., CVPR 2019)::
 
 Images are decoded and resized once into a uint8 tensor of shape (N, 3, size, size);
 the training loop samples and augments batches from that tensor on the device.
+
+As a script it fetches the data (see download.py):
+
+    python dataset.py --download Data
 """
+import argparse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +24,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from common import CutPasteError
+import download
+from common import CutPasteError, run_main
 
 # The 15 categories of MVTec AD, in the order of the paper's Table 1.
 MVTEC_CATEGORIES = (
@@ -188,3 +194,33 @@ class MVTecTest(Dataset):
 
     def __getitem__(self, idx):
         return self.images[idx], self.labels[idx], self.masks[idx]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Download and extract MVTec AD (resumable, checksummed, safe extraction).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--download", type=Path, required=True,
+                   help="folder to download and extract MVTec AD into (then train with --data_dir FOLDER)")
+    p.add_argument("--url", type=str, default=download.MVTEC_URL, help="address of the archive (a mirror may be given)")
+    p.add_argument("--sha256", type=str, default=download.MVTEC_SHA256,
+                   help="expected SHA-256 of the archive; a file that differs is moved aside, never extracted")
+    p.add_argument("--retries", type=int, default=download.DOWNLOAD_RETRIES,
+                   help="times an interrupted transfer is resumed automatically before giving up")
+    p.add_argument("--keep_archive", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the archive after a successful extraction (--no-keep_archive deletes it)")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.retries < 0:
+        raise CutPasteError(f"--retries {args.retries} is negative; give 0 or more")
+    download.download_mvtec(args.download, args.url, args.sha256, args.retries, args.keep_archive)
+    found = present_categories(args.download)
+    print(f"{args.download}: {len(found)} categories ({', '.join(found) or 'none'}); "
+          f"train with --data_dir {args.download}")
+    return found
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -4,17 +4,22 @@
 """
 import argparse
 import datetime
-import json
 import math
+import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import calibration
 import dataset
+import distributed
 import engine
+import records
+import runstate
 from common import (CutPasteError, bf16_supported, make_generator, resolve_device, run_main,
                     seed_everything)
 from cutpaste import VARIANT_CLASSES, VARIANTS, make_batch
@@ -70,6 +75,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="wrap the training model in torch.compile")
     p.add_argument("--log_every", type=int, default=32,
                    help="steps between reads of the loss from the device (tensorboard still gets every step)")
+    p.add_argument("--save_every", type=int, default=256,
+                   help="steps between saved training states (<model_dir>/<category>.state.pt) that --resume "
+                        "continues from; 0: save only on Ctrl-C")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue each category from its saved training state (same settings required), and "
+                        "skip categories already finished with these settings")
+    p.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=False,
+                   help="train categories again even when --model_dir holds a finished checkpoint with these "
+                        "settings (without it, --type all and --resume skip them)")
     return p
 
 
@@ -82,6 +96,8 @@ def check_args(args) -> None:
             raise CutPasteError(f"--{name} {getattr(args, name)} is out of range; give a positive number")
     if args.workers < 0:
         raise CutPasteError(f"--workers {args.workers} is negative; give 0 or more")
+    if args.save_every < 0:
+        raise CutPasteError(f"--save_every {args.save_every} is negative; give 0 (save only on Ctrl-C) or more")
 
 
 def make_optimizer(model, args, steps: int):
@@ -116,6 +132,7 @@ def flush_scalars(writer, pending: list, category: str) -> float:
         writer.add_scalar("acc", acc, step)
         writer.add_scalar("lr", lr, step)
     pending.clear()
+    writer.flush()
     return values[-1][0]
 
 
@@ -135,8 +152,50 @@ def prepare_model(args, device: torch.device):
     return model.to(device, memory_format=fmt)
 
 
-def train_category(args, category: str, device: torch.device) -> Path:
-    """Train, fit the density on the clean training embeddings, save the checkpoint; return its path."""
+def start_run(args, category: str, device: torch.device, model, opt, sched, gen, world: distributed.World):
+    """(run name, first step, run log): a fresh run, or with --resume the saved state's run, restored."""
+    path = runstate.state_path(args.model_dir, category)
+    state = runstate.load_state(path, args) if args.resume else None
+    if state is None:
+        if path.exists():
+            print(f"note: {path} holds an interrupted run of {category}; this new run will overwrite it "
+                  f"(--resume continues it)")
+        name, start = f"model-{category}-{datetime.datetime.now():%Y-%m-%d_%H_%M_%S}", 0
+        while (args.model_dir / f"{name}.tch").exists() or (args.log_dir / name).exists():
+            name += "_"  # a second run within the same second (e.g. --retrain) must not overwrite the first
+    else:
+        name, start = state["run_name"], runstate.restore(state, path, model, opt, sched, gen, device)
+        print(f"{category}: resuming {name} at step {start} of {args.epochs}")
+    env = records.environment(device, world.rank, world.world_size)
+    return name, start, records.RunLog(args.log_dir / name, args, env, start)
+
+
+def finish_category(args, category: str, name: str, model, train_u8, device: torch.device, has_state: bool) -> Path:
+    """Fit the density on the clean training embeddings, write the checkpoint, drop the training state."""
+    model.freeze_backbone(False)
+    train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
+    density, train_scores = engine.fit_and_score(train_emb, train_emb)
+    ckpt = engine.make_checkpoint(model, args, category, args.epochs, density, train_scores)
+    ckpt["heldout_scores"] = calibration.heldout_scores(train_emb)
+    path = args.model_dir / f"{name}.tch"
+    state = runstate.state_path(args.model_dir, category)
+    try:
+        engine.save_checkpoint(ckpt, path)
+    except OSError as err:
+        kept = f"the trained state stays in {state}: free space and rerun with --resume" if has_state else \
+            "free space and train it again"
+        raise CutPasteError(f"could not write checkpoint {path} ({err}); {kept}") from None
+    state.unlink(missing_ok=True)
+    return path
+
+
+def train_category(args, category: str, device: torch.device, stop: runstate.StopRequest | None = None,
+                   world: distributed.World = distributed.World()) -> dict:
+    """Train (or resume) one category and write its checkpoint; return its summary row.
+
+    Every --save_every steps, on a stop request (Ctrl-C) and after the last step the training
+    state is saved atomically, so an interrupted or failed run loses at most --save_every steps.
+    """
     train = dataset.MVTecTrain(args.data_dir, category, args.size, args.workers)
     test_set = dataset.MVTecTest(args.data_dir, category, args.size, args.workers) if args.test_epochs > 0 else None
     train_u8 = train.images.to(device)
@@ -145,14 +204,13 @@ def train_category(args, category: str, device: torch.device) -> Path:
     model = prepare_model(args, device)
     step_model = torch.compile(model) if args.compile else model
     opt, sched = make_optimizer(model, args, args.epochs)
-    name = f"model-{category}-{datetime.datetime.now():%Y-%m-%d_%H_%M_%S}"
-    writer = SummaryWriter(str(args.log_dir / name))
-    (args.log_dir / name / "args.json").write_text(json.dumps(
-        {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}, indent=2))
+    name, start, writer = start_run(args, category, device, model, opt, sched, gen, world)
+    state_path, saved_at = runstate.state_path(args.model_dir, category), start if args.resume else -1
     freeze = args.pretrained and args.freeze_resnet > 0
-    model.freeze_backbone(freeze)
-    pending, last_loss = [], float("nan")
-    bar = tqdm(range(args.epochs), desc=f"train {category}", dynamic_ncols=True)
+    model.freeze_backbone(freeze and start < args.freeze_resnet)
+    pending, last_loss, auroc = [], float("nan"), float("nan")
+    bar = tqdm(range(start, args.epochs), initial=start, total=args.epochs, desc=f"train {category}",
+               dynamic_ncols=True)
     for step in bar:
         if freeze and step == args.freeze_resnet:
             model.freeze_backbone(False)
@@ -165,29 +223,105 @@ def train_category(args, category: str, device: torch.device) -> Path:
             last_loss = flush_scalars(writer, pending, category)
             bar.set_postfix(loss=f"{last_loss:.4f}")
         if test_set is not None and (step + 1) % args.test_epochs == 0:
-            writer.add_scalar("test_image_auroc", test_auroc(model, train_u8, test_set, device, args), step)
-    model.freeze_backbone(False)
-    train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
-    density, train_scores = engine.fit_and_score(train_emb, train_emb)
-    path = args.model_dir / f"{name}.tch"
-    engine.save_checkpoint(engine.make_checkpoint(model, args, category, args.epochs, density, train_scores), path)
-    writer.close()
+            auroc = test_auroc(model, train_u8, test_set, device, args)
+            writer.add_scalar("test_image_auroc", auroc, step)
+        if (stop is not None and stop.requested) or (args.save_every and (step + 1) % args.save_every == 0):
+            last_loss = flush_scalars(writer, pending, category) if pending else last_loss
+            runstate.save_state(runstate.capture(step + 1, name, category, args, model, opt, sched, gen, device),
+                                state_path)
+            saved_at = step + 1
+            if stop is not None and stop.requested:
+                writer.close()
+                raise runstate.Interrupted(f"{category} stopped at step {step + 1} of {args.epochs}; its state is "
+                                           f"in {state_path}: rerun with --resume to continue")
+    if args.save_every and saved_at != args.epochs:
+        runstate.save_state(runstate.capture(args.epochs, name, category, args, model, opt, sched, gen, device),
+                            state_path)
+    try:
+        path = finish_category(args, category, name, model, train_u8, device, state_path.exists())
+    finally:
+        writer.close()
     print(f"{category}: saved {path} (last loss {last_loss:.4f})")
-    return path
+    return {"category": category, "checkpoint": str(path), "last_loss": last_loss, "test_image_auroc": auroc}
+
+
+def train_all(args, categories: list[str], device: torch.device, world: distributed.World) -> list[dict]:
+    """Train this rank's share of the categories; one that fails is recorded and the others go on."""
+    skip = (args.type == "all" or args.resume) and not args.retrain
+    finished = runstate.finished_checkpoints(args.model_dir, args) if skip else {}
+    rows = []
+    with runstate.StopRequest() as stop:
+        for cat in distributed.shard(categories, world):
+            row = {"category": cat, "rank": world.rank, "device": str(device)}
+            started = time.perf_counter()
+            if cat in finished:
+                print(f"{cat}: already finished with these settings ({finished[cat].name}); skipped "
+                      f"(--retrain trains it again)")
+                row.update(status="skipped", checkpoint=str(finished[cat]))
+            else:
+                try:
+                    row.update(status="trained", **train_category(args, cat, device, stop, world))
+                except CutPasteError as err:
+                    print(f"{cat} failed: {err}", file=sys.stderr)
+                    row.update(status="failed", error=str(err))
+            rows.append({**row, "seconds": round(time.perf_counter() - started, 1)})
+            if stop.requested:
+                raise runstate.Interrupted(f"stopped after {cat}; rerun the same command with --resume to go on")
+    return rows
+
+
+RESULT_COLUMNS = ("category", "status", "rank", "device", "seconds", "last_loss", "test_image_auroc",
+                  "checkpoint", "error")
+
+
+def write_results(rows: list[dict], categories: list[str], model_dir: Path) -> pd.DataFrame:
+    """train_results.csv and .md in --model_dir: one row per category, from every rank."""
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame = frame.sort_values("category", key=lambda c: c.map(categories.index), kind="stable")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(model_dir / "train_results.csv", index=False)
+    shown = frame.drop(columns=["error"]).astype(object).fillna("")
+    (model_dir / "train_results.md").write_text(shown.to_markdown(index=False) + "\n")
+    print(f"training results ({model_dir / 'train_results.csv'}):\n{shown.to_string(index=False)}")
+    return frame
+
+
+def raise_failures(rows: list[dict], model_dir: Path) -> None:
+    failed = [row for row in rows if row["status"] == "failed"]
+    if len(failed) == 1 and len(rows) == 1:
+        raise CutPasteError(failed[0]["error"])
+    if failed:
+        raise CutPasteError(f"{len(failed)} of {len(rows)} categories failed: "
+                            + "; ".join(f"{row['category']} ({row['error']})" for row in failed)
+                            + f"; the others' checkpoints are in {model_dir}")
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    device = resolve_device(args.device, args.cuda)
-    if args.amp is None:
-        args.amp = bf16_supported(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    categories = dataset.resolve_categories(args.data_dir, args.type)
-    print(f"training {', '.join(categories)} on {device} (variant {args.variant}, {args.epochs} steps, "
-          f"bf16 autocast {'on' if args.amp else 'off'})")
-    return [train_category(args, cat, device) for cat in categories]
+    world = distributed.setup()
+    try:
+        device = distributed.rank_device(resolve_device(args.device, args.cuda), world)
+        if args.amp is None:
+            args.amp = bf16_supported(device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        categories = dataset.resolve_categories(args.data_dir, args.type)
+        rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""
+        print(f"{rank}training {', '.join(distributed.shard(categories, world)) or 'nothing'} on {device} "
+              f"(variant {args.variant}, {args.epochs} steps, bf16 autocast {'on' if args.amp else 'off'})")
+        try:
+            rows = train_all(args, categories, device, world)
+        except runstate.Interrupted as err:
+            print(f"interrupted: {err}", file=sys.stderr)
+            sys.exit(130)
+        table = distributed.gather_rows(rows, world)
+        if table is not None:
+            write_results(table, categories, args.model_dir)
+    finally:
+        distributed.teardown(world)
+    raise_failures(table if table is not None else rows, args.model_dir)
+    return [Path(row["checkpoint"]) for row in rows if isinstance(row.get("checkpoint"), str)]
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@ from pathlib import Path
 import pytest
 
 import benchmark
+import dataset
 import demo
 import demo_data
 import eval as eval_script
 import figures
+import predict
 import reproduce
 import run_training
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-@pytest.mark.parametrize("module", [run_training, eval_script, demo, demo_data, benchmark, reproduce, figures])
+@pytest.mark.parametrize("module", [run_training, eval_script, demo, demo_data, benchmark, reproduce, figures,
+                                    dataset, predict])
 def test_every_flag_is_documented(module):
     for action in module.get_args_parser()._actions:
         for flag in action.option_strings:

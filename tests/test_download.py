@@ -1,0 +1,185 @@
+"""The MVTec AD download against a local HTTP server on 127.0.0.1: resume, checksum, hostile members.
+
+No test here touches the internet: the server is started by the test on the loopback interface,
+serves an archive the test builds, and stops itself (at teardown, or after SERVER_LIFETIME_S).
+"""
+import hashlib
+import io
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import dataset
+import download
+from common import CutPasteError
+
+SERVER_LIFETIME_S = 60.0
+FILES = {
+    "toy/train/good/000.png": b"\x89PNG fake image 0" * 50,
+    "toy/train/good/001.png": b"\x89PNG fake image 1" * 50,
+    "toy/test/good/000.png": b"\x89PNG fake image 2" * 50,
+    "license.txt": b"test archive\n",
+}
+
+
+def build_archive(extra=None) -> bytes:
+    """A .tar.xz holding FILES, then an optional extra TarInfo (with data for regular files)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, data in FILES.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if extra is not None:
+            info, data = extra
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+class ArchiveServer:
+    """Serves `payload` at /<name> with Range support; the first `drops` GETs break off after `cut` bytes."""
+
+    def __init__(self, payload: bytes, name: str = "mini.tar.xz", drops: int = 0, cut: int = 0):
+        self.payload, self.name, self.drops, self.cut = payload, name, drops, cut
+        self.ranges = []  # the Range header of each GET (None when absent)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != f"/{server.name}":
+                    self.send_error(404)
+                    return
+                header = self.headers.get("Range")
+                server.ranges.append(header)
+                start = int(header[len("bytes="):].rstrip("-")) if header else 0
+                body = server.payload[start:]
+                self.send_response(206 if header else 200)
+                if header:
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.drops > 0:
+                    server.drops -= 1
+                    self.wfile.write(body[:server.cut - start])
+                    self.wfile.flush()
+                    return  # HTTP/1.0: the connection closes, short of Content-Length
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.timer = threading.Timer(SERVER_LIFETIME_S, self.httpd.shutdown)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{self.name}"
+
+    def __enter__(self):
+        self.thread.start()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_interrupted_download_resumes_verifies_and_extracts(tmp_path):
+    payload = build_archive()
+    cut = len(payload) // 2
+    with ArchiveServer(payload, drops=1, cut=cut) as server:
+        with pytest.raises(CutPasteError, match=r"rerun the same command to resume") as err:
+            download.download_mvtec(tmp_path, server.url, sha(payload), retries=0, timeout=5)
+        part = tmp_path / "mini.tar.xz.part"
+        assert part.stat().st_size == cut and str(part) in str(err.value)
+        assert not (tmp_path / "toy").exists()
+        found = dataset.main(["--download", str(tmp_path), "--url", server.url, "--sha256", sha(payload),
+                              "--retries", "0"])
+        assert server.ranges == [None, f"bytes={cut}-"], "the second request continues where the first stopped"
+        assert found == ["toy"]
+        for name, data in FILES.items():
+            assert (tmp_path / name).read_bytes() == data
+        assert (tmp_path / "mini.tar.xz").read_bytes() == payload and not part.exists()
+        assert not (tmp_path / download.STAGING).exists()
+        assert download.download_mvtec(tmp_path, server.url, sha(payload)) == [], "a rerun has nothing to do"
+        assert len(server.ranges) == 2
+
+
+def test_automatic_retries_resume_within_one_call(tmp_path):
+    payload = build_archive()
+    with ArchiveServer(payload, drops=2, cut=len(payload) // 3) as server:
+        entries = download.download_mvtec(tmp_path, server.url, sha(payload), retries=2, keep_archive=False,
+                                          timeout=5)
+    assert entries == ["license.txt", "toy"]
+    assert server.ranges[0] is None and server.ranges[1:] == [f"bytes={len(payload) // 3}-"] * 2
+    assert not (tmp_path / "mini.tar.xz").exists(), "--no-keep_archive removes it after extraction"
+
+
+def test_checksum_mismatch_is_kept_aside_and_not_extracted(tmp_path):
+    payload = build_archive()
+    with ArchiveServer(payload) as server:
+        with pytest.raises(CutPasteError, match=f"SHA-256 {sha(payload)}, expected {'0' * 64}"):
+            download.download_mvtec(tmp_path, server.url, "0" * 64, timeout=5)
+        with pytest.raises(CutPasteError, match="HTTP 404"):
+            download.download_mvtec(tmp_path / "b", server.url + "-missing", sha(payload), timeout=5)
+    aside = tmp_path / "mini.tar.xz.sha256-mismatch"
+    assert aside.read_bytes() == payload
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", aside.name], "nothing extracted"
+
+
+def _member(name, kind):
+    info = tarfile.TarInfo(name)
+    if kind == "file":
+        data = b"pwned"
+        info.size = len(data)
+        return info, data
+    info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "device": tarfile.CHRTYPE,
+                 "fifo": tarfile.FIFOTYPE}[kind]
+    info.linkname = "../../outside" if kind in ("symlink", "hardlink") else ""
+    return info, None
+
+
+def test_hostile_member_from_the_server_is_refused(tmp_path):
+    payload = build_archive(_member("toy/../../escaped.txt", "file"))
+    dest = tmp_path / "data"
+    with ArchiveServer(payload) as server:
+        with pytest.raises(CutPasteError, match=r"refused member 'toy/\.\./\.\./escaped\.txt'.*outside"):
+            download.download_mvtec(dest, server.url, sha(payload), timeout=5)
+    assert not (tmp_path / "escaped.txt").exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["mini.tar.xz"], "nothing of the archive landed"
+
+
+@pytest.mark.parametrize("name,kind,message", [
+    ("/tmp/absolute.txt", "file", "outside"),
+    ("toy/link", "symlink", "symbolic link"),
+    ("toy/hard", "hardlink", "hard link"),
+    ("toy/dev", "device", "device file"),
+    ("toy/pipe", "fifo", "special file"),
+])
+def test_links_devices_and_escapes_are_refused(tmp_path, name, kind, message):
+    archive = tmp_path / "a.tar.xz"
+    archive.write_bytes(build_archive(_member(name, kind)))
+    dest = tmp_path / "data"
+    dest.mkdir()
+    with pytest.raises(CutPasteError, match=message):
+        download.safe_extract(archive, dest)
+    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "escaped.txt").exists()

@@ -1,0 +1,142 @@
+"""predict.py and the Detector API: scores, thresholds, CSV, overlays, unreadable images, bad checkpoints."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import calibration
+import dataset
+import density
+import predict
+import run_training
+from common import CHECKPOINT_FORMAT, CutPasteError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lid_checkpoint(tmp_path_factory, mvtec_root) -> Path:
+    out = tmp_path_factory.mktemp("predict_model")
+    (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(out / "models"),
+                                 "--log_dir", str(out / "logdirs"), "--size", "32", "--epochs", "4", "--batch_size",
+                                 "4", "--no-pretrained", "--variant", "normal", "--workers", "0", "--log_every", "3"])
+    return path
+
+
+def test_detector_scores_paths_pil_and_tensors_alike(lid_checkpoint, mvtec_root):
+    det = predict.Detector.load(lid_checkpoint, device="cpu")
+    paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")]
+    scores = det.score(paths)
+    assert scores.shape == (len(paths),) and torch.isfinite(scores).all()
+    assert torch.equal(det.score(dataset.load_images(paths, 32)), scores), "same batch, same numbers"
+    with Image.open(paths[0]) as img:
+        single = det.score([img])
+    # Another batch size may take other kernels (bf16 autocast on some CPUs): equal up to rounding.
+    assert torch.allclose(single, scores[:1], rtol=2e-2) and torch.equal(det.score(paths[0]), single)
+    assert det.heatmaps(paths[:2]) is None, "an image-level model has no heatmap"
+
+
+def test_threshold_is_a_quantile_of_held_out_clean_scores(lid_checkpoint):
+    det = predict.Detector.load(lid_checkpoint, device="cpu")
+    ckpt = torch.load(lid_checkpoint, weights_only=True)
+    assert det.calibration_source.startswith("held-out") and ckpt["heldout_scores"].shape == (16,)
+    ordered = ckpt["heldout_scores"].double().sort().values
+    assert det.threshold(0.5) == pytest.approx(float(ordered[7] + ordered[8]) / 2, rel=1e-6), "16 scores: midway"
+    assert det.threshold(1.0) == pytest.approx(float(ckpt["heldout_scores"].max()))
+    with pytest.raises(ValueError, match="outside"):
+        det.threshold(1.5)
+
+
+def test_older_checkpoint_without_held_out_scores_falls_back_to_in_sample(tmp_path, lid_checkpoint):
+    ckpt = torch.load(lid_checkpoint, weights_only=True)
+    del ckpt["heldout_scores"]
+    older = tmp_path / "older.tch"
+    torch.save(ckpt, older)
+    det = predict.Detector.load(older, device="cpu")
+    assert det.calibration_source.startswith("in-sample")
+    assert det.threshold(1.0) == pytest.approx(float(ckpt["train_scores"].max()))
+
+
+def test_heldout_scores_leave_each_image_out():
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(40, 24, generator=gen)
+    held = calibration.heldout_scores(emb, folds=4)
+    fold0 = torch.arange(40) % 4 == 0
+    est = density.GaussianDensityTorch().fit(density.normalize(emb[~fold0]))
+    assert torch.allclose(held[fold0], est.score(density.normalize(emb[fold0])))
+    in_sample = density.GaussianDensityTorch().fit(density.normalize(emb)).score(density.normalize(emb))
+    assert held.mean() > in_sample.mean(), "scores of images the density never saw run higher"
+    assert calibration.heldout_scores(emb[:2]).numel() == 0
+
+
+def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_checkpoint, mvtec_root, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(mvtec_root / "lid" / "test", images)
+    (images / "good" / "zz_truncated.png").write_bytes((images / "good" / "000.png").read_bytes()[:40])
+    (images / "notes.png").write_text("not an image")
+    out = tmp_path / "pred.csv"
+    results = predict.main([str(images / "good"), str(images / "[hms]*" / "*.png"), str(images / "notes.png"),
+                            "--checkpoint", str(lid_checkpoint.parent), "--out", str(out), "--overlay_dir",
+                            str(tmp_path / "overlays"), "--truth_from_folders", "--batch_size", "5", "--device", "cpu"])
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert list(frame.columns) == ["path", "score", "label", "threshold", "error"]
+    n_test = len(dataset.list_test_items(mvtec_root, "lid"))
+    assert len(frame) == len(results) == n_test + 2
+    bad = frame[frame["label"] == "error"]
+    assert sorted(Path(p).name for p in bad["path"]) == ["notes.png", "zz_truncated.png"]
+    assert all(Path(p).name in msg for p, msg in zip(bad["path"], bad["error"]))
+    scored = frame[frame["label"] != "error"].astype({"score": float})
+    assert len(scored) == n_test
+    assert ((scored["score"] > scored["threshold"]) == (scored["label"] == "anomalous")).all()
+    det = predict.Detector.load(lid_checkpoint, device="cpu")
+    assert scored["threshold"].iloc[0] == pytest.approx(det.threshold(calibration.DEFAULT_QUANTILE))
+    printed = capsys.readouterr()
+    assert "zz_truncated.png" in printed.err and "accuracy: " in printed.out
+    report = predict.truth_report(results)
+    assert report["images"] == n_test and report["true_negatives"] + report["false_positives"] == 4
+    overlays = sorted(p.name for p in (tmp_path / "overlays").iterdir())
+    assert len(overlays) == n_test and "good__000.png" in overlays and "hole__000.png" in overlays
+
+
+def test_explicit_threshold_and_heatmap_hook(tmp_path, lid_checkpoint, mvtec_root):
+    paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")][:4]
+    det = predict.Detector.load(lid_checkpoint, device="cpu")
+    middle = float(det.score(paths).median())
+    labels = [r.label for r in det.predict(paths, middle)]
+    assert labels.count("anomalous") == 2 and labels.count("normal") == 2
+    hot = predict.Detector.load(lid_checkpoint, device="cpu",
+                                heatmap=lambda d, imgs: torch.linspace(0, 1, 32).repeat(imgs.shape[0], 32, 1))
+    maps = hot.heatmaps(paths)
+    assert maps.shape == (4, 32, 32)
+    image = dataset.load_image(paths[0], 32)
+    plain = predict.overlay_image(image, "normal", 1.0, 2.0)
+    blended = predict.overlay_image(image, "normal", 1.0, 2.0, maps[0])
+    assert plain.size == blended.size == (32, 32) and plain.tobytes() != blended.tobytes()
+
+
+def test_bad_inputs_and_checkpoints(tmp_path, lid_checkpoint, mvtec_root):
+    img = str(mvtec_root / "lid" / "test" / "good" / "000.png")
+    with pytest.raises(CutPasteError, match="nothing-here.*does not exist"):
+        predict.main([str(tmp_path / "nothing-here.png"), "--checkpoint", str(lid_checkpoint)])
+    with pytest.raises(CutPasteError, match="matches no file"):
+        predict.main([str(tmp_path / "*.png"), "--checkpoint", str(lid_checkpoint)])
+    ckpt = torch.load(lid_checkpoint, weights_only=True)
+    newer = tmp_path / "newer.tch"
+    torch.save({**ckpt, "format": CHECKPOINT_FORMAT + 1}, newer)
+    with pytest.raises(CutPasteError, match=f"newer.tch has checkpoint format {CHECKPOINT_FORMAT + 1}"):
+        predict.Detector.load(newer)
+    truncated = tmp_path / "truncated.tch"
+    truncated.write_bytes(lid_checkpoint.read_bytes()[:5000])
+    with pytest.raises(CutPasteError, match="truncated.tch.*truncated"):
+        predict.main([img, "--checkpoint", str(truncated)])
+    res = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(tmp_path / "newer.tch"), "--checkpoint",
+                          str(lid_checkpoint), "--out", str(tmp_path / "p.csv"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: none of the 1 images could be read")
+    assert "newer.tch" in res.stderr
