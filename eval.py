@@ -12,11 +12,15 @@ import torch
 
 import dataset
 import engine
+import localization
 import plots
 from common import CutPasteError, bf16_supported, resolve_device, run_main
 from density import DENSITIES
 
 PAPER_TABLE = Path(__file__).resolve().parent / "doc" / "paper_table1.csv"
+# Localization columns of the results tables (present when a category was localized) and their titles.
+PIXEL_COLUMNS = {"pixel_auroc": "pixel AUROC (%)", "pro": "PRO (%)",
+                 "paper_pixel_auroc": "Li et al. Table 2 pixel AUROC (%)", "map_image_auroc": "map-max image AUROC (%)"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,6 +43,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast for embedding; default: on where the device runs bf16 natively")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format")
+    p.add_argument("--localization", type=str, choices=localization.MODES, default="auto",
+                   help="anomaly maps and pixel metrics: dense (patch scores, paper section 4.2), gradcam "
+                        "(image-level models), none, or auto (dense for patch-level models, else none)")
+    p.add_argument("--stride", type=int, default=localization.PAPER_STRIDE,
+                   help="stride of the test patches in dense scoring (paper: 4); larger is faster and coarser")
+    p.add_argument("--density_stride", type=int, default=localization.DENSITY_STRIDE,
+                   help="stride of the clean training patches the dense scoring's Gaussian is fitted on")
+    p.add_argument("--patch_batch", type=int, default=localization.PATCH_BATCH,
+                   help="patches per forward pass in dense scoring")
+    p.add_argument("--max_heatmaps", type=int, default=8,
+                   help="with --save_plots 1, heatmap figures (image, mask, overlay) for at most this many "
+                        "test images per category; 0 for none")
     return p
 
 
@@ -89,20 +105,29 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).eval()
     size = ckpt["size"]
+    patch_size = ckpt.get("patch_size", 0)
+    mode = localization.resolve_mode(args.localization, patch_size, path)
     train = dataset.MVTecTrain(args.data_dir, category, size, args.workers)
     test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers)
     train_emb = engine.embed_images(model, train.images, device, args.amp, args.channels_last)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
     _, scores = engine.fit_and_score(train_emb, test_emb, args.density)
+    maps = localization.compute_maps(mode, model, train.images, test_set.images, patch_size, args, device)
+    if patch_size:  # a patch-level model scores an image by its anomaly map's maximum (section 4.2)
+        scores = maps.amax(dim=(1, 2))
     scores = scores.cpu().numpy()
     auroc = engine.image_auroc(test_set.labels, scores)
     print(f"{category} AUC: {auroc}")
     if args.save_plots:
         save_plots(args.out_dir / args.model_dir.name / category, category, test_set, scores, auroc,
                    train_emb.cpu().numpy(), test_emb.cpu().numpy())
-    return {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
-            "paper_image_auroc": paper_auroc(category, ckpt["variant"]), "steps": ckpt["steps"],
-            "size": size, "density": args.density, "checkpoint": path.name}
+    row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
+           "paper_image_auroc": float("nan") if patch_size else paper_auroc(category, ckpt["variant"]),
+           "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name, "patch_size": patch_size}
+    if maps is not None:
+        row.update(localization.report(category, test_set, maps, mode, args.out_dir / args.model_dir.name / category,
+                                       bool(args.save_plots), args.max_heatmaps))
+    return row
 
 
 def _pct(value: float) -> str:
@@ -114,6 +139,7 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     mean = {"category": "mean", "image_auroc": frame["image_auroc"].mean(),
             "paper_image_auroc": frame["paper_image_auroc"].mean()}
+    mean.update({col: frame[col].mean() for col in PIXEL_COLUMNS if col in frame})
     frame = pd.concat([frame, pd.DataFrame([mean])], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "results.csv", index=False)
@@ -124,6 +150,9 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
         "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
         "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s))),
     })
+    for col, title in PIXEL_COLUMNS.items():
+        if col in frame:
+            shown[title] = frame[col].map(_pct)
     (out / "results.md").write_text(shown.to_markdown(index=False, stralign="right") + "\n")
     return frame
 

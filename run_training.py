@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import dataset
 import engine
+import localization
 from common import (CutPasteError, bf16_supported, make_generator, resolve_device, run_main,
                     seed_everything)
 from cutpaste import VARIANT_CLASSES, VARIANTS, make_batch
@@ -53,6 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head_layer", type=int, default=1,
                    help="number of 512-wide layers in the projection head (then 128, then the output)")
     p.add_argument("--size", type=int, default=256, help="images are resized to size x size (paper: 256)")
+    p.add_argument("--patch_size", type=int, default=0,
+                   help="train a patch-level model on random patch_size x patch_size crops, CutPaste inside each "
+                        f"(paper section 4.2: {localization.PAPER_PATCH_SIZE} of 256); 0 trains on whole images")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images (0: the main thread)")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
@@ -74,6 +78,8 @@ def check_args(args) -> None:
             raise CutPasteError(f"--{name} {getattr(args, name)} is out of range; give a positive number")
     if args.workers < 0:
         raise CutPasteError(f"--workers {args.workers} is negative; give 0 or more")
+    if not 0 <= args.patch_size <= args.size:
+        raise CutPasteError(f"--patch_size {args.patch_size} must be 0 (whole images) or at most --size {args.size}")
 
 
 def make_optimizer(model, args, steps: int):
@@ -113,6 +119,11 @@ def flush_scalars(writer, pending: list, category: str) -> float:
 
 def test_auroc(model, train_u8, test_set, device, args) -> float:
     """Image AUROC on the test set with a density fitted on the clean training images (monitoring only)."""
+    if args.patch_size:  # maximum of a coarse anomaly map, to keep monitoring cheap
+        stride = localization.DENSITY_STRIDE
+        maps = localization.dense_maps(model, train_u8, test_set.images, args.patch_size, stride, device,
+                                       args.amp, args.channels_last, density_stride=stride)
+        return engine.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))
     train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
     _, scores = engine.fit_and_score(train_emb, test_emb)
@@ -148,7 +159,8 @@ def train_category(args, category: str, device: torch.device) -> Path:
     for step in bar:
         if freeze and step == args.freeze_resnet:
             model.freeze_backbone(False)
-        x, y = make_batch(train_u8, args.variant, args.batch_size, gen)
+        x, y = (localization.make_patch_batch(train_u8, args.variant, args.batch_size, args.patch_size, gen)
+                if args.patch_size else make_batch(train_u8, args.variant, args.batch_size, gen))
         x = x.contiguous(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
         lr = opt.param_groups[0]["lr"]
         loss, acc = train_step(step_model, opt, sched, x, y, device, args.amp)
@@ -159,8 +171,12 @@ def train_category(args, category: str, device: torch.device) -> Path:
         if test_set is not None and (step + 1) % args.test_epochs == 0:
             writer.add_scalar("test_image_auroc", test_auroc(model, train_u8, test_set, device, args), step)
     model.freeze_backbone(False)
-    train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
-    density, train_scores = engine.fit_and_score(train_emb, train_emb)
+    if args.patch_size:  # the Gaussian of a patch-level model is fitted on patches of the clean images
+        density, train_scores = localization.fit_patch_density(model, train_u8, args.patch_size, device,
+                                                               args.amp, args.channels_last)
+    else:
+        train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
+        density, train_scores = engine.fit_and_score(train_emb, train_emb)
     path = args.model_dir / f"{name}.tch"
     engine.save_checkpoint(engine.make_checkpoint(model, args, category, args.epochs, density, train_scores), path)
     writer.close()

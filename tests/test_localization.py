@@ -1,0 +1,215 @@
+"""Patch batches, dense scoring, receptive-field upsampling, GradCAM, and the localization smoke runs."""
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+import cutpaste
+import dataset
+import density
+import engine
+import eval as eval_script
+import localization as loc
+import run_training
+from common import CutPasteError
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("size,patch,stride", [(256, 64, 4), (100, 32, 12), (40, 40, 4)])
+def test_positions_cover_the_image(size, patch, stride):
+    pos = loc.patch_positions(size, patch, stride)
+    assert pos[0] == 0 and pos[-1] == size - patch
+    gaps = pos[1:] - pos[:-1]
+    assert (gaps > 0).all() and (gaps <= stride).all()
+    with pytest.raises(CutPasteError, match="does not fit"):
+        loc.patch_positions(size, size + 1, stride)
+
+
+@pytest.mark.parametrize("size,patch,stride,cell,tol", [(256, 64, 4, (10, 30), 0), (100, 32, 12, (2, 3), 0),
+                                                       (100, 32, 12, (2, 5), 2)])
+def test_one_hot_patch_peaks_at_its_centre(size, patch, stride, cell, tol):
+    pos = loc.patch_positions(size, patch, stride)
+    grid = torch.zeros(1, len(pos), len(pos))
+    grid[0, cell[0], cell[1]] = 1.0
+    up = loc.upsample_scores(grid, size, size, patch, stride)[0]
+    assert up.shape == (size, size)
+    top, left = int(pos[cell[0]]), int(pos[cell[1]])
+    # The patch centre is at top + (patch - 1) / 2, between the two middle pixels of the patch. Where the
+    # last patch is closer than `stride` to its neighbour (100 px, stride 12), the peak may move by `tol`.
+    centre = torch.tensor([top + (patch - 1) / 2, left + (patch - 1) / 2])
+    peak = torch.nonzero(up == up.max()).float()
+    assert ((peak - centre).abs() <= 0.5 + tol).all(), (peak, centre)
+    # A weighted mean of the overlapping patches: the hot one dominates at its centre and fades with distance.
+    r, c = top + patch // 2, left + patch // 2
+    assert up.max() > 0.1 and up[r, c] > up[r + 4, c] > up[r + 8, c] and up[r, c] > up[r, c - 5]
+    # Nothing leaks outside the patch's receptive field.
+    outside = torch.ones(size, size, dtype=torch.bool)
+    outside[top:top + patch, left:left + patch] = False
+    assert up[outside].abs().max() == 0
+
+
+def test_pixels_seen_by_one_patch_only_take_its_score():
+    pos = loc.patch_positions(100, 32, 12)  # ..., 60, 68: rows and columns 92-99 lie in the last patch only
+    grid = torch.zeros(1, len(pos), len(pos))
+    grid[0, -1, -1] = 2.0
+    up = loc.upsample_scores(grid, 100, 100, 32, 12)[0]
+    assert torch.allclose(up[92:, 92:], torch.tensor(2.0)) and up[:68].abs().max() == 0
+
+
+def test_upsampling_is_a_weighted_mean():
+    grid = torch.full((2, 7, 7), 3.0)
+    up = loc.upsample_scores(grid, 64, 64, 16, 8)
+    assert torch.allclose(up, torch.full_like(up, 3.0))
+    ramp = torch.arange(7.0).view(1, 1, 7).expand(1, 7, 7)
+    up = loc.upsample_scores(ramp, 64, 64, 16, 8)[0]
+    assert (up[:, 1:] >= up[:, :-1] - 1e-6).all(), "monotone scores stay monotone"
+    assert up.min() >= 0 and up.max() <= 6
+
+
+def test_crops_are_exact_windows():
+    images = (torch.rand(5, 3, 40, 48, generator=gen(1)) * 255).to(torch.uint8)
+    idx = torch.tensor([4, 0, 2, 2])
+    top, left = loc.sample_crops(4, 40, 48, 16, gen(2))
+    assert (top >= 0).all() and (top <= 24).all() and (left >= 0).all() and (left <= 32).all()
+    crops = loc.apply_crops(images, idx, top, left, 16)
+    for b in range(4):
+        t, l = int(top[b]), int(left[b])
+        assert torch.equal(crops[b], images[idx[b], :, t:t + 16, l:l + 16])
+
+
+@pytest.mark.parametrize("variant,k", [("normal", 2), ("3way", 3)])
+def test_patch_augmentation_stays_inside_the_patch(variant, k):
+    images = (torch.rand(6, 3, 96, 96, generator=gen(3)) * 255).to(torch.uint8)
+    before = images.clone()
+    x, y = loc.make_patch_batch(images, variant, 8, 64, gen(4))
+    assert x.shape == (8 * k, 3, 64, 64) and torch.equal(y, torch.arange(k).repeat_interleave(8))
+    assert torch.equal(images, before), "input untouched"
+    # The same draws, done by hand: crop first, then the whole augmentation on the 64 x 64 crops only,
+    # so nothing outside a crop can reach its augmented views.
+    g = gen(4)
+    idx = cutpaste.sample_indices(6, 8, g)
+    top, left = loc.sample_crops(8, 96, 96, 64, g)
+    crops = loc.apply_crops(images, idx, top, left, 64).float() / 255
+    x_ref, _ = cutpaste.augment_batch(crops, variant, g)
+    assert torch.equal(x, x_ref)
+    # Boxes are sized for the patch: CutPaste covers 2-15 % of the patch's area (not of the image's, which
+    # would not fit), a scar at most 16 x 25 px (under 10 % of 64 x 64).
+    clean = x[:8]
+    for view in range(1, k):
+        changed = (x[8 * view:8 * (view + 1)] != clean).any(dim=1).flatten(1).float().mean(1)
+        assert (changed > 0).all() and (changed < 0.17).all()
+    x2, _ = loc.make_patch_batch(images, variant, 8, 64, gen(4))
+    assert torch.equal(x, x2), "a seed reproduces the batch"
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return engine.build_model(1, 2).eval()
+
+
+def test_score_grid_order_matches_direct_scoring():
+    model = _tiny_model()
+    images = (torch.rand(3, 3, 40, 40, generator=gen(5)) * 255).to(torch.uint8)
+    cpu = torch.device("cpu")
+    dens, train_max = loc.fit_patch_density(model, images, 16, cpu, False, False, stride=8)
+    assert train_max.shape == (3,)
+    grids = loc.score_grids(model, dens, images, 16, 12, cpu, False, False, batch=7)
+    pos = loc.patch_positions(40, 16, 12)
+    assert grids.shape == (3, len(pos), len(pos))
+    for n, i, j in [(0, 0, 0), (1, 2, 1), (2, len(pos) - 1, len(pos) - 1)]:
+        t, l = int(pos[i]), int(pos[j])
+        with torch.inference_mode():
+            emb = model.embed(images[n:n + 1, :, t:t + 16, l:l + 16].float() / 255)
+        expect = dens.score(density.normalize(emb))[0]
+        assert grids[n, i, j] == pytest.approx(float(expect), rel=1e-4)
+
+
+def test_gradcam_maps_shape_and_sign():
+    model = _tiny_model()
+    images = (torch.rand(5, 3, 64, 64, generator=gen(6)) * 255).to(torch.uint8)
+    maps = loc.gradcam_maps(model, images, torch.device("cpu"), False, False, batch=2)
+    assert maps.shape == (5, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all()
+    assert not model.training and not model.resnet18.layer4._forward_hooks, "mode kept, hook removed"
+    assert all(p.grad is None for p in model.parameters()), "no gradients left on the weights"
+
+
+def test_log_odds_target():
+    assert loc.augmented_log_odds(torch.tensor([[2.0, 0.0]])).item() == pytest.approx(-2.0)
+    three = torch.tensor([[0.0, 1.0, 1.0]])
+    assert loc.augmented_log_odds(three).item() == pytest.approx(1.0 + torch.log(torch.tensor(2.0)).item())
+
+
+def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
+    test_set = dataset.MVTecTest(mvtec_root, "lid", size=32)
+    test_set.has_mask[-1] = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keep = loc.scorable_images(test_set, "lid")
+    assert keep.sum() == len(test_set) - 1 and "no usable mask" in str(caught[0].message)
+    maps = test_set.masks.float() + 0.1 * torch.rand(test_set.masks.shape, generator=gen(7))
+    with pytest.warns(UserWarning, match="no usable mask"):
+        row = loc.report("lid", test_set, maps, "dense", tmp_path, True, 3)
+    assert row["pixel_auroc"] == pytest.approx(100.0) and row["pro"] == pytest.approx(100.0)
+    assert (tmp_path / "pixel_roc.png").stat().st_size > 1000
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 3
+
+
+def test_heatmap_choice_and_display_range():
+    assert loc.heatmap_indices(10, 0) == [] and loc.heatmap_indices(3, 8) == [0, 1, 2]
+    assert loc.heatmap_indices(83, 4) == [0, 27, 55, 82]
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, 0] = 1000.0  # one extreme pixel does not set the scale
+    maps[1] = torch.linspace(0, 1, 100).view(10, 10)
+    lo, hi = loc.display_range(maps)
+    assert lo == 0 and hi < 1000
+
+
+def test_modes():
+    assert loc.resolve_mode("auto", 64, "m.tch") == "dense" and loc.resolve_mode("auto", 0, "m.tch") == "none"
+    assert loc.resolve_mode("gradcam", 0, "m.tch") == "gradcam"
+    with pytest.raises(CutPasteError, match="m.tch is a patch-level model.*--localization dense"):
+        loc.resolve_mode("gradcam", 64, "m.tch")
+    assert loc.dense_patch_size(0, 256) == 64 and loc.dense_patch_size(16, 32) == 16
+
+
+TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained", "--log_every", "2", "--workers", "0"]
+
+
+def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root):
+    (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(tmp_path / "pm"),
+                                 "--log_dir", str(tmp_path / "logs"), "--patch_size", "16", "--variant", "3way",
+                                 "--test_epochs", "2", *TINY])
+    ckpt = engine.read_checkpoint(path)
+    assert ckpt["patch_size"] == 16 and ckpt["config"]["patch_size"] == 16
+    assert ckpt["density"]["precision"].shape == (512, 512) and ckpt["train_scores"].shape == (16,)
+    common = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--out_dir", str(tmp_path / "Eval"),
+              "--workers", "0", "--max_heatmaps", "2"]
+    frame = eval_script.main(common + ["--stride", "4"])
+    out = tmp_path / "Eval" / "pm"
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["category"]) == ["lid", "mean"] and table["localization"].iloc[0] == "dense"
+    assert table["pixel_auroc"].between(0, 100).all() and table["pro"].between(0, 100).all()
+    assert table["image_auroc"].iloc[0] == pytest.approx(table["map_image_auroc"].iloc[0])
+    assert "pixel AUROC (%)" in (out / "results.md").read_text()
+    assert len(list((out / "lid" / "heatmaps").glob("*.png"))) == 2 and (out / "lid" / "pixel_roc.png").exists()
+    assert frame["pro"].iloc[-1] == pytest.approx(table["pro"].iloc[0])
+    with pytest.raises(CutPasteError, match="patch-level model"):
+        eval_script.main(common + ["--localization", "gradcam"])
+
+
+def test_image_model_with_gradcam_and_dense(tmp_path, mvtec_root):
+    run_training.main(["--data_dir", str(mvtec_root), "--type", "cap", "--model_dir", str(tmp_path / "im"),
+                       "--log_dir", str(tmp_path / "logs"), "--variant", "normal", *TINY])
+    common = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "im"), "--out_dir", str(tmp_path / "Eval"),
+              "--workers", "0", "--max_heatmaps", "1"]
+    plain = eval_script.main(common + ["--save_plots", "0"])
+    assert "pixel_auroc" not in plain, "image-level models are not localized unless asked"
+    for mode in ("gradcam", "dense"):
+        frame = eval_script.main(common + ["--localization", mode, "--stride", "8"])
+        assert frame["localization"].iloc[0] == mode and 0 <= frame["pixel_auroc"].iloc[0] <= 100
+        assert frame["image_auroc"].iloc[0] == pytest.approx(plain["image_auroc"].iloc[0])
+    assert len(list((tmp_path / "Eval" / "im" / "cap" / "heatmaps").glob("*.png"))) == 1
