@@ -48,8 +48,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(image-level models), none, or auto (dense for patch-level models, else none)")
     p.add_argument("--stride", type=int, default=localization.PAPER_STRIDE,
                    help="stride of the test patches in dense scoring (paper: 4); larger is faster and coarser")
-    p.add_argument("--density_stride", type=int, default=localization.DENSITY_STRIDE,
-                   help="stride of the clean training patches the dense scoring's Gaussian is fitted on")
+    p.add_argument("--patch_density", type=str, choices=localization.PATCH_DENSITIES, default="auto",
+                   help="dense scoring: one Gaussian for all patch positions (shared), one per location cell "
+                        "(local), or auto: local for the aligned objects of paper appendix A.5 (bottle, cable, "
+                        "capsule, metal_nut, pill, toothbrush, transistor, zipper), shared otherwise")
+    p.add_argument("--cell_stride", type=int, default=localization.CELL_STRIDE,
+                   help="dense scoring: size in pixels of the location cells; the Gaussians are fitted on one "
+                        "clean training patch per image and cell")
     p.add_argument("--patch_batch", type=int, default=localization.PATCH_BATCH,
                    help="patches per forward pass in dense scoring")
     p.add_argument("--max_heatmaps", type=int, default=8,
@@ -112,7 +117,8 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     train_emb = engine.embed_images(model, train.images, device, args.amp, args.channels_last)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
     _, scores = engine.fit_and_score(train_emb, test_emb, args.density)
-    maps = localization.compute_maps(mode, model, train.images, test_set.images, patch_size, args, device)
+    maps, how = localization.compute_maps(mode, category, model, train.images, test_set.images, patch_size, args,
+                                          device)
     if patch_size:  # a patch-level model scores an image by its anomaly map's maximum (section 4.2)
         scores = maps.amax(dim=(1, 2))
     scores = scores.cpu().numpy()
@@ -125,7 +131,7 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
            "paper_image_auroc": float("nan") if patch_size else paper_auroc(category, ckpt["variant"]),
            "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name, "patch_size": patch_size}
     if maps is not None:
-        row.update(localization.report(category, test_set, maps, mode, args.out_dir / args.model_dir.name / category,
+        row.update(localization.report(category, test_set, maps, how, args.out_dir / args.model_dir.name / category,
                                        bool(args.save_plots), args.max_heatmaps))
     return row
 

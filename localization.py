@@ -5,6 +5,7 @@ Shapes: images are uint8 (N, 3, H, W); anomaly maps are float32 (N, H, W) on the
 anomalous. The model is model.ProjectionNet (any image size: the backbone pools globally).
 """
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,14 @@ PAPER_STRIDE = 4
 # Width of the Gaussian that spreads each patch score over its receptive field (the patch), as the
 # receptive-field upsampling of Liznerski et al. (FCDD, ICLR 2021) that section 4.2 cites.
 SMOOTHING_SIGMA = 4.0
-# Stride of the patches of clean training images that the patch-level Gaussian is fitted on: 169
-# patches per 256 px image, so that fitting costs about as much as scoring a few test images.
-DENSITY_STRIDE = 16
+# Location cells of the patch-level Gaussians: the patch grid at this stride (13 x 13 cells for 64 px patches
+# of 256 px images). The clean training patches are drawn one per image and cell, so the fit costs about as
+# much as scoring a dozen test images at stride 4.
+CELL_STRIDE = 16
+# Li et al., appendix A.5: for "aligned objects" one Gaussian per location; for the randomly rotated
+# objects (hazelnut, screw) and the textures, one Gaussian for all locations.
+ALIGNED_CATEGORIES = ("bottle", "cable", "capsule", "metal_nut", "pill", "toothbrush", "transistor", "zipper")
+PATCH_DENSITIES = ("auto", "shared", "local")
 # Patches per forward pass in dense scoring (no gradients, so large batches pay off).
 PATCH_BATCH = 512
 # Images per forward/backward pass in GradCAM.
@@ -83,48 +89,127 @@ def patch_positions(size: int, patch: int, stride: int) -> torch.Tensor:
     return torch.tensor(starts)
 
 
-@torch.inference_mode()
-def over_patches(model, images_u8: torch.Tensor, patch: int, stride: int, reduce, device: torch.device,
-                 amp: bool, channels_last: bool, batch: int = PATCH_BATCH, desc: str = "patches") -> torch.Tensor:
-    """reduce(embeddings (B, D) float32) for every patch of every image, batched, concatenated in
-    (image, row, column) order; returns the concatenation and leaves the model's mode as it was."""
-    was_training = model.training
-    model.eval()
-    images = images_u8.to(device)
-    n, _, h, w = images.shape
-    ys, xs = patch_positions(h, patch, stride).to(device), patch_positions(w, patch, stride).to(device)
-    per_image = len(ys) * len(xs)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = []
-    for start in tqdm(range(0, n * per_image, batch), desc=desc, leave=False, dynamic_ncols=True,
-                      disable=n * per_image <= 4 * batch):
-        k = torch.arange(start, min(start + batch, n * per_image), device=device)
-        img, cell = k // per_image, k % per_image
-        crops = apply_crops(images, img, ys[cell // len(xs)], xs[cell % len(xs)], patch)
-        with autocast(device, amp):
-            embeds = model.embed(crops.float().div_(255).contiguous(memory_format=fmt))
-        out.append(reduce(embeds.float()))
-    model.train(was_training)
-    return torch.cat(out)
+def grid_crops(n: int, height: int, width: int, patch: int, stride: int):
+    """(image, top, left) index tensors of every patch on the stride grid of n images, in (image, row, col) order."""
+    ys, xs = patch_positions(height, patch, stride), patch_positions(width, patch, stride)
+    img = torch.arange(n).repeat_interleave(len(ys) * len(xs))
+    return img, ys.repeat_interleave(len(xs)).repeat(n), xs.repeat(n * len(ys))
 
 
-def fit_patch_density(model, train_u8: torch.Tensor, patch: int, device: torch.device, amp: bool,
-                      channels_last: bool, kind: str = "torch", stride: int = DENSITY_STRIDE):
-    """The Gaussian (density.py) fitted on L2-normalised embeddings of the clean training images' patches
-    at `stride`; returns it and each training image's largest patch score (N,)."""
-    embeds = over_patches(model, train_u8, patch, stride, density_lib.normalize, device, amp, channels_last,
-                          desc="embed training patches")
-    density = density_lib.make_density(kind).fit(embeds)
-    return density, density.score(embeds).view(train_u8.shape[0], -1).amax(dim=1)
+def cell_crops(n: int, height: int, width: int, patch: int, cell_stride: int, seed: int = 0):
+    """(image, top, left, cell): one patch per image and location cell, moved from the cell's grid position by
+    a seeded random offset in [-cell_stride/2, cell_stride/2) on each axis (clamped into the image).
+
+    Cells are the patch grid at `cell_stride`, numbered row by row. The offsets make the clean patches
+    cover every position, not only the grid's: on aligned objects, test patches at positions never seen
+    in training would look anomalous everywhere."""
+    ys, xs = patch_positions(height, patch, cell_stride), patch_positions(width, patch, cell_stride)
+    cells = len(ys) * len(xs)
+    cell = torch.arange(cells).repeat(n)
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(-(cell_stride // 2), cell_stride - cell_stride // 2, (2, n * cells), generator=gen)
+    top = (ys[cell // len(xs)] + offsets[0]).clamp(0, height - patch)
+    left = (xs[cell % len(xs)] + offsets[1]).clamp(0, width - patch)
+    return torch.arange(n).repeat_interleave(cells), top, left, cell
 
 
-def score_grids(model, density, images_u8: torch.Tensor, patch: int, stride: int, device: torch.device,
-                amp: bool, channels_last: bool, batch: int = PATCH_BATCH) -> torch.Tensor:
-    """Patch anomaly scores (N, rows, cols) on the patch grid, float32 on the CPU."""
+def nearest_cells(height: int, width: int, patch: int, stride: int, cell_stride: int) -> torch.Tensor:
+    """(rows * cols,) the location cell nearest to each patch of the stride grid, row by row."""
+    ys, xs = patch_positions(height, patch, stride), patch_positions(width, patch, stride)
+    cy, cx = patch_positions(height, patch, cell_stride), patch_positions(width, patch, cell_stride)
+    iy = (ys.view(-1, 1) - cy.view(1, -1)).abs().argmin(dim=1)
+    ix = (xs.view(-1, 1) - cx.view(1, -1)).abs().argmin(dim=1)
+    return (iy.view(-1, 1) * len(cx) + ix.view(1, -1)).flatten()
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How patches go through the network: the model, its device, bf16 autocast, memory format, batch size."""
+    model: torch.nn.Module
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+    batch: int = PATCH_BATCH
+
+    @torch.inference_mode()
+    def over_crops(self, images_u8: torch.Tensor, crops, patch: int, reduce, desc: str = "patches"):
+        """torch.cat of reduce(embeddings (B, D) float32, part) over the patches `crops` = (image, top, left),
+        taken `batch` at a time; `part` is the slice of `crops` in the batch. The model's mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        images = images_u8.to(self.device)
+        img, top, left = (t.to(self.device) for t in crops)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = []
+        for start in tqdm(range(0, len(img), self.batch), desc=desc, leave=False, dynamic_ncols=True,
+                          disable=len(img) <= 4 * self.batch):
+            part = slice(start, min(start + self.batch, len(img)))
+            x = apply_crops(images, img[part], top[part], left[part], patch)
+            with autocast(self.device, self.amp):
+                embeds = self.model.embed(x.float().div_(255).contiguous(memory_format=fmt))
+            out.append(reduce(embeds.float(), part))
+        self.model.train(was_training)
+        return torch.cat(out)
+
+
+class PatchGaussians:
+    """Gaussians (density.py: Mahalanobis distance, Ledoit-Wolf covariance) on L2-normalised patch embeddings:
+    one shared by all positions, or one per location cell (`local`), as Li et al. (appendix A.5) do for
+    aligned objects, where a patch normal in one place (a rim) is a defect in another (the bottle's floor)."""
+
+    def __init__(self, kind: str = "torch", local: bool = False):
+        self.kind, self.local = kind, local
+
+    def fit(self, embeds: torch.Tensor, cells: torch.Tensor) -> "PatchGaussians":
+        """embeds (N, D) normalised; cells (N,) location cell of each patch."""
+        groups = cells if self.local else torch.zeros_like(cells)
+        self.parts = [density_lib.make_density(self.kind).fit(embeds[groups == c])
+                      for c in range(int(groups.max()) + 1)]
+        return self
+
+    def score(self, embeds: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """(N, D) normalised embeddings and their (N,) cells -> (N,) Mahalanobis distances."""
+        groups = cells if self.local else torch.zeros_like(cells)
+        out = torch.empty(len(embeds), device=embeds.device)
+        for c in groups.unique().tolist():
+            rows = groups == c
+            out[rows] = self.parts[c].score(embeds[rows]).float().to(out.device)
+        return out
+
+    def state_dict(self) -> dict:
+        states = [part.state_dict() for part in self.parts]
+        if not self.local:
+            return states[0]
+        return {"kind": f"{self.kind}-per-location", "mean": torch.stack([st["mean"] for st in states]),
+                "precision": torch.stack([st["precision"] for st in states])}
+
+
+def fit_patch_density(runner: Runner, train_u8: torch.Tensor, patch: int, kind: str = "torch",
+                      local: bool = False, cell_stride: int = CELL_STRIDE):
+    """PatchGaussians fitted on one patch per clean training image and location cell (cell_crops); returns it
+    and each training image's largest patch score (N,)."""
+    n, _, h, w = train_u8.shape
+    img, top, left, cells = cell_crops(n, h, w, patch, cell_stride)
+    embeds = runner.over_crops(train_u8, (img, top, left), patch, lambda e, _: density_lib.normalize(e),
+                               desc="embed training patches")
+    cells = cells.to(embeds.device)
+    density = PatchGaussians(kind, local).fit(embeds, cells)
+    return density, density.score(embeds, cells).view(n, -1).amax(dim=1)
+
+
+def score_grids(runner: Runner, density: PatchGaussians, images_u8: torch.Tensor, patch: int, stride: int,
+                cell_stride: int = CELL_STRIDE) -> torch.Tensor:
+    """Patch anomaly scores (N, rows, cols) on the stride grid, float32 on the CPU; each patch is scored by
+    the Gaussian of its nearest location cell (or the shared one)."""
     n, _, h, w = images_u8.shape
-    scores = over_patches(model, images_u8, patch, stride,
-                          lambda e: density.score(density_lib.normalize(e)).float().cpu(),
-                          device, amp, channels_last, batch, desc="score test patches")
+    cell_of = nearest_cells(h, w, patch, stride, cell_stride).to(runner.device)
+
+    def reduce(embeds, part):
+        where = torch.arange(part.start, part.stop, device=runner.device) % len(cell_of)
+        return density.score(density_lib.normalize(embeds), cell_of[where]).cpu()
+
+    scores = runner.over_crops(images_u8, grid_crops(n, h, w, patch, stride), patch, reduce,
+                               desc="score test patches")
     return scores.view(n, len(patch_positions(h, patch, stride)), len(patch_positions(w, patch, stride)))
 
 
@@ -150,13 +235,12 @@ def upsample_scores(grids: torch.Tensor, height: int, width: int, patch: int, st
     return (num / den).float()
 
 
-def dense_maps(model, train_u8: torch.Tensor, test_u8: torch.Tensor, patch: int, stride: int,
-               device: torch.device, amp: bool, channels_last: bool, kind: str = "torch",
-               density_stride: int = DENSITY_STRIDE, batch: int = PATCH_BATCH) -> torch.Tensor:
-    """Anomaly maps (N, H, W) of the test images: Gaussian fitted on training patches, test patches scored
-    at `stride`, upsampled to the image size."""
-    density, _ = fit_patch_density(model, train_u8, patch, device, amp, channels_last, kind, density_stride)
-    grids = score_grids(model, density, test_u8, patch, stride, device, amp, channels_last, batch)
+def dense_maps(runner: Runner, train_u8: torch.Tensor, test_u8: torch.Tensor, patch: int, stride: int,
+               kind: str = "torch", local: bool = False, cell_stride: int = CELL_STRIDE) -> torch.Tensor:
+    """Anomaly maps (N, H, W) of the test images: Gaussians fitted on clean training patches, every test patch
+    at `stride` scored, the scores upsampled to the image size."""
+    density, _ = fit_patch_density(runner, train_u8, patch, kind, local, cell_stride)
+    grids = score_grids(runner, density, test_u8, patch, stride, cell_stride)
     return upsample_scores(grids, test_u8.shape[2], test_u8.shape[3], patch, stride)
 
 
@@ -259,31 +343,44 @@ def paper_pixel_auroc(category: str, mode: str) -> float:
     return float(table.loc[category, mode])
 
 
-def compute_maps(mode: str, model, train_u8: torch.Tensor, test_u8: torch.Tensor, patch_size: int, args,
-                 device: torch.device) -> torch.Tensor | None:
-    """Anomaly maps (N, H, W) of the test images for --localization `mode` ('none' gives None).
+def use_local_density(patch_density: str, category: str) -> bool:
+    """--patch_density: 'auto' is per-location for the aligned objects of appendix A.5, shared otherwise."""
+    if patch_density not in PATCH_DENSITIES:
+        raise CutPasteError(f"unknown --patch_density {patch_density!r}; choose one of {', '.join(PATCH_DENSITIES)}")
+    return patch_density == "local" or (patch_density == "auto" and category in ALIGNED_CATEGORIES)
 
-    args supplies stride, density, density_stride, patch_batch, amp and channels_last (eval.py's flags)."""
+
+def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor, test_u8: torch.Tensor, patch_size: int,
+                 args, device: torch.device):
+    """Anomaly maps (N, H, W) of the test images for --localization `mode` (None for 'none'), and what made
+    them: {"localization": mode, "patch_density": "local", "shared" or ""}.
+
+    args supplies eval.py's stride, patch_density, cell_stride, density, patch_batch, amp, channels_last."""
+    info = {"localization": mode, "patch_density": ""}
     if mode == "gradcam":
-        return gradcam_maps(model, test_u8, device, args.amp, args.channels_last)
+        return gradcam_maps(model, test_u8, device, args.amp, args.channels_last), info
     if mode == "dense":
+        local = use_local_density(args.patch_density, category)
+        info["patch_density"] = "local" if local else "shared"
+        runner = Runner(model, device, args.amp, args.channels_last, args.patch_batch)
         patch = dense_patch_size(patch_size, test_u8.shape[-1])
-        return dense_maps(model, train_u8, test_u8, patch, args.stride, device, args.amp, args.channels_last,
-                          args.density, args.density_stride, args.patch_batch)
-    return None
+        return dense_maps(runner, train_u8, test_u8, patch, args.stride, args.density, local, args.cell_stride), info
+    return None, info
 
 
-def report(category: str, test_set, maps: torch.Tensor, mode: str, out: Path, save_plots: bool,
+def report(category: str, test_set, maps: torch.Tensor, info: dict, out: Path, save_plots: bool,
            max_heatmaps: int) -> dict:
     """Pixel metrics of the maps (in %), the image AUROC of the maps' maxima, and the figures under `out`:
     pixel_roc.png and heatmaps/<defect>_<image>.png for at most `max_heatmaps` test images."""
     keep = scorable_images(test_set, category)
     masks = test_set.masks[keep]
     scores = pixel_metrics(masks, maps[keep])
-    row = {"localization": mode, "pixel_auroc": 100 * scores["pixel_auroc"], "pro": 100 * scores["pro"],
+    mode = info["localization"]
+    row = {**info, "pixel_auroc": 100 * scores["pixel_auroc"], "pro": 100 * scores["pro"],
            "paper_pixel_auroc": paper_pixel_auroc(category, mode),
            "map_image_auroc": 100 * engine.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))}
-    print(f"{category} pixel AUROC: {scores['pixel_auroc']:.4f}  PRO: {scores['pro']:.4f}  ({mode})")
+    how = f"{mode}, {info['patch_density']} Gaussian" if info["patch_density"] else mode
+    print(f"{category} pixel AUROC: {scores['pixel_auroc']:.4f}  PRO: {scores['pro']:.4f}  ({how})")
     if save_plots:
         labels = masks.flatten().numpy()
         if 0 < labels.sum() < labels.size:

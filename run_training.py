@@ -24,6 +24,8 @@ from cutpaste import VARIANT_CLASSES, VARIANTS, make_batch
 SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 3e-5
 ADAM_BETAS = (0.9, 0.999)
+# Stride of the test patches when --test_epochs monitors a patch-level model: coarse, to stay cheap.
+MONITOR_STRIDE = 16
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -120,9 +122,8 @@ def flush_scalars(writer, pending: list, category: str) -> float:
 def test_auroc(model, train_u8, test_set, device, args) -> float:
     """Image AUROC on the test set with a density fitted on the clean training images (monitoring only)."""
     if args.patch_size:  # maximum of a coarse anomaly map, to keep monitoring cheap
-        stride = localization.DENSITY_STRIDE
-        maps = localization.dense_maps(model, train_u8, test_set.images, args.patch_size, stride, device,
-                                       args.amp, args.channels_last, density_stride=stride)
+        runner = localization.Runner(model, device, args.amp, args.channels_last)
+        maps = localization.dense_maps(runner, train_u8, test_set.images, args.patch_size, MONITOR_STRIDE)
         return engine.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))
     train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
@@ -172,8 +173,8 @@ def train_category(args, category: str, device: torch.device) -> Path:
             writer.add_scalar("test_image_auroc", test_auroc(model, train_u8, test_set, device, args), step)
     model.freeze_backbone(False)
     if args.patch_size:  # the Gaussian of a patch-level model is fitted on patches of the clean images
-        density, train_scores = localization.fit_patch_density(model, train_u8, args.patch_size, device,
-                                                               args.amp, args.channels_last)
+        runner = localization.Runner(model, device, args.amp, args.channels_last)
+        density, train_scores = localization.fit_patch_density(runner, train_u8, args.patch_size)
     else:
         train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
         density, train_scores = engine.fit_and_score(train_emb, train_emb)

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+import bench_localization
 import cutpaste
 import dataset
 import density
@@ -70,6 +71,23 @@ def test_upsampling_is_a_weighted_mean():
     assert up.min() >= 0 and up.max() <= 6
 
 
+def test_grid_and_cell_crops():
+    img, top, left = loc.grid_crops(2, 40, 48, 16, 12)
+    ys, xs = loc.patch_positions(40, 16, 12), loc.patch_positions(48, 16, 12)
+    per = len(ys) * len(xs)
+    assert len(img) == 2 * per and (img[:per] == 0).all() and (img[per:] == 1).all()
+    assert top[len(xs)] == ys[1] and left[1] == xs[1] and top[per - 1] == ys[-1] and left[per - 1] == xs[-1]
+    img, top, left, cell = loc.cell_crops(3, 64, 64, 16, 8, seed=1)
+    cells = loc.patch_positions(64, 16, 8)  # 0, 8, ..., 48: 7 x 7 cells
+    assert len(img) == 3 * 49 and torch.equal(cell[:49], torch.arange(49)) and (img[49:98] == 1).all()
+    dy, dx = top - cells[cell // 7], left - cells[cell % 7]
+    assert dy.min() >= -4 and dy.max() <= 3 and dx.min() >= -4 and dx.max() <= 3 and len(set(dy.tolist())) > 4
+    assert top.min() >= 0 and top.max() <= 48 and torch.equal(top, loc.cell_crops(3, 64, 64, 16, 8, seed=1)[1])
+    # Test patches at stride 4 go to the nearest cell: positions 0, 4, ..., 48 -> cells 0, 0 or 1, 1, ...
+    near = loc.nearest_cells(64, 64, 16, 4, 8).view(13, 13)
+    assert near[0, 0] == 0 and near[2, 2] == 8 and near[12, 12] == 48 and near[0, 4] == 2
+
+
 def test_crops_are_exact_windows():
     images = (torch.rand(5, 3, 40, 48, generator=gen(1)) * 255).to(torch.uint8)
     idx = torch.tensor([4, 0, 2, 2])
@@ -111,20 +129,21 @@ def _tiny_model():
     return engine.build_model(1, 2).eval()
 
 
-def test_score_grid_order_matches_direct_scoring():
+@pytest.mark.parametrize("local", [False, True])
+def test_score_grid_order_matches_direct_scoring(local):
     model = _tiny_model()
     images = (torch.rand(3, 3, 40, 40, generator=gen(5)) * 255).to(torch.uint8)
-    cpu = torch.device("cpu")
-    dens, train_max = loc.fit_patch_density(model, images, 16, cpu, False, False, stride=8)
-    assert train_max.shape == (3,)
-    grids = loc.score_grids(model, dens, images, 16, 12, cpu, False, False, batch=7)
-    pos = loc.patch_positions(40, 16, 12)
+    runner = loc.Runner(model, torch.device("cpu"), batch=7)
+    dens, train_max = loc.fit_patch_density(runner, images, 16, local=local, cell_stride=12)
+    assert train_max.shape == (3,) and len(dens.parts) == (9 if local else 1)
+    grids = loc.score_grids(runner, dens, images, 16, 4, cell_stride=12)
+    pos = loc.patch_positions(40, 16, 4)  # 0, 4, ..., 24; cells at 0, 12, 24
     assert grids.shape == (3, len(pos), len(pos))
-    for n, i, j in [(0, 0, 0), (1, 2, 1), (2, len(pos) - 1, len(pos) - 1)]:
+    for n, i, j, cell in [(0, 0, 0, 0), (1, 2, 4, 4), (1, 4, 1, 3), (2, 6, 6, 8)]:
         t, l = int(pos[i]), int(pos[j])
         with torch.inference_mode():
-            emb = model.embed(images[n:n + 1, :, t:t + 16, l:l + 16].float() / 255)
-        expect = dens.score(density.normalize(emb))[0]
+            emb = density.normalize(model.embed(images[n:n + 1, :, t:t + 16, l:l + 16].float() / 255))
+        expect = dens.parts[cell if local else 0].score(emb)[0]
         assert grids[n, i, j] == pytest.approx(float(expect), rel=1e-4)
 
 
@@ -152,7 +171,8 @@ def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
     assert keep.sum() == len(test_set) - 1 and "no usable mask" in str(caught[0].message)
     maps = test_set.masks.float() + 0.1 * torch.rand(test_set.masks.shape, generator=gen(7))
     with pytest.warns(UserWarning, match="no usable mask"):
-        row = loc.report("lid", test_set, maps, "dense", tmp_path, True, 3)
+        row = loc.report("lid", test_set, maps, {"localization": "dense", "patch_density": "shared"}, tmp_path,
+                         True, 3)
     assert row["pixel_auroc"] == pytest.approx(100.0) and row["pro"] == pytest.approx(100.0)
     assert (tmp_path / "pixel_roc.png").stat().st_size > 1000
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 3
@@ -174,6 +194,8 @@ def test_modes():
     with pytest.raises(CutPasteError, match="m.tch is a patch-level model.*--localization dense"):
         loc.resolve_mode("gradcam", 64, "m.tch")
     assert loc.dense_patch_size(0, 256) == 64 and loc.dense_patch_size(16, 32) == 16
+    assert loc.use_local_density("auto", "bottle") and not loc.use_local_density("auto", "screw")
+    assert loc.use_local_density("local", "lid") and not loc.use_local_density("shared", "bottle")
 
 
 TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained", "--log_every", "2", "--workers", "0"]
@@ -213,3 +235,9 @@ def test_image_model_with_gradcam_and_dense(tmp_path, mvtec_root):
         assert frame["localization"].iloc[0] == mode and 0 <= frame["pixel_auroc"].iloc[0] <= 100
         assert frame["image_auroc"].iloc[0] == pytest.approx(plain["image_auroc"].iloc[0])
     assert len(list((tmp_path / "Eval" / "im" / "cap" / "heatmaps").glob("*.png"))) == 1
+
+
+def test_benchmark_script_runs():
+    times = bench_localization.main(["--size", "32", "--patch_size", "16", "--stride", "8", "--images", "2",
+                                     "--device", "cpu"])
+    assert times.shape == (2,) and (times > 0).all()

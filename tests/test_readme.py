@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+import bench_localization
 import demo
 import demo_data
 import eval as eval_script
@@ -11,7 +12,7 @@ import run_training
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-@pytest.mark.parametrize("module", [run_training, eval_script, demo, demo_data])
+@pytest.mark.parametrize("module", [run_training, eval_script, demo, demo_data, bench_localization])
 def test_every_flag_is_documented(module):
     for action in module.get_args_parser()._actions:
         for flag in action.option_strings:
