@@ -57,6 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "clean training patch per image and cell")
     p.add_argument("--patch_batch", type=int, default=localization.PATCH_BATCH,
                    help="patches per forward pass in dense scoring")
+    p.add_argument("--gradcam_target", type=str, choices=localization.GRADCAM_TARGETS, default="density",
+                   help="what GradCAM explains: density (the anomaly detector's Gaussian score of the embedding, "
+                        "the paper's 'decision of anomaly detector') or logit (the classifier's log-odds of "
+                        "'augmented')")
     p.add_argument("--max_heatmaps", type=int, default=8,
                    help="with --save_plots 1, heatmap figures (image, mask, overlay) for at most this many "
                         "test images per category; 0 for none")

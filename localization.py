@@ -43,6 +43,9 @@ GRADCAM_BATCH = 16
 # Dense scoring of an image-level model uses patches of this fraction of the image side (64 of 256).
 IMAGE_MODEL_PATCH_FRACTION = 0.25
 MODES = ("auto", "none", "dense", "gradcam")
+GRADCAM_TARGETS = ("density", "logit")
+# Quantiles of a category's map values that span the colour scale of its heatmap figures.
+HEATMAP_PERCENTILES = (0.01, 0.99)
 PAPER_TABLE2 = Path(__file__).resolve().parent / "doc" / "paper_table2.csv"
 
 
@@ -246,15 +249,26 @@ def dense_maps(runner: Runner, train_u8: torch.Tensor, test_u8: torch.Tensor, pa
 
 # ---- GradCAM (Selvaraju et al., ICCV 2017) for image-level models ----
 
-def augmented_log_odds(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K) logits -> (B,) log-odds that an image is augmented (any class > 0) rather than clean (class 0)."""
+def augmented_log_odds(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """GradCAM target 'logit': (B, K) logits -> (B,) log-odds that an image is augmented (any class > 0)
+    rather than clean (class 0), as the self-supervised classifier sees it."""
     return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
 
 
-def gradcam_maps(model, images_u8: torch.Tensor, device: torch.device, amp: bool, channels_last: bool,
+def density_target(density: density_lib.GaussianDensityTorch):
+    """GradCAM target 'density': the anomaly detector's own score, the negative Gaussian log-density of the
+    L2-normalised embedding up to a constant, (f - mu)^T Sigma^-1 (f - mu) / 2 (section 2.3, equation 2)."""
+    def target(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        diff = density_lib.normalize(embeds) - density.mean
+        return 0.5 * torch.einsum("nd,de,ne->n", diff, density.precision, diff)
+    return target
+
+
+def gradcam_maps(model, images_u8: torch.Tensor, target, device: torch.device, amp: bool, channels_last: bool,
                  batch: int = GRADCAM_BATCH) -> torch.Tensor:
     """GradCAM heatmaps (N, H, W): the last convolutional block's feature maps (ResNet18 layer4) weighted by
-    the spatial mean of their gradients of augmented_log_odds, summed, ReLU'd, bilinearly resized.
+    the spatial mean of their gradients of target(embeds (B, D), logits (B, K)) -> (B,), summed over
+    channels, ReLU'd and bilinearly resized to the image.
 
     Maps are not normalised per image, so that pixel metrics compare them across images."""
     was_training = model.training
@@ -267,9 +281,9 @@ def gradcam_maps(model, images_u8: torch.Tensor, device: torch.device, amp: bool
         for start in range(0, images_u8.shape[0], batch):
             x = images_u8[start:start + batch].to(device).float().div_(255).contiguous(memory_format=fmt)
             with torch.enable_grad(), autocast(device, amp):
-                _, logits = model(x)
+                embeds, logits = model(x)
                 features = captured["features"]
-                (grads,) = torch.autograd.grad(augmented_log_odds(logits.float()).sum(), features)
+                (grads,) = torch.autograd.grad(target(embeds.float(), logits.float()).sum(), features)
             weights = grads.float().mean(dim=(2, 3), keepdim=True)
             cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
             maps.append(F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].cpu())
@@ -277,6 +291,14 @@ def gradcam_maps(model, images_u8: torch.Tensor, device: torch.device, amp: bool
         hook.remove()
         model.train(was_training)
     return torch.cat(maps)
+
+
+def gradcam_target(name: str, model, train_u8: torch.Tensor, device: torch.device, amp: bool, channels_last: bool):
+    """--gradcam_target: 'density' (the Gaussian of the clean training images' embeddings) or 'logit'."""
+    if name == "logit":
+        return augmented_log_odds
+    embeds = engine.embed_images(model, train_u8, device, amp, channels_last)
+    return density_target(density_lib.GaussianDensityTorch().fit(density_lib.normalize(embeds)))
 
 
 # ---- evaluation helpers ----
@@ -326,12 +348,12 @@ def heatmap_indices(n: int, limit: int) -> list[int]:
 
 
 def display_range(maps: torch.Tensor) -> tuple[float, float]:
-    """One colour scale for all heatmaps of a category: the 1st to the 99.9th percentile of its map values,
-    so that good images look calm and a single extreme pixel cannot wash every map out."""
+    """One colour scale for all heatmaps of a category: the 1st to the 99th percentile of its map values,
+    so that good images look calm and the few most extreme pixels cannot wash every other map out."""
     sample = maps.flatten()
     if sample.numel() > 2_000_000:
         sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    lo, hi = torch.quantile(sample.double(), torch.tensor([0.01, 0.999], dtype=torch.float64)).tolist()
+    lo, hi = torch.quantile(sample.double(), torch.tensor(HEATMAP_PERCENTILES, dtype=torch.float64)).tolist()
     return lo, hi if hi > lo else lo + 1e-6
 
 
@@ -355,10 +377,13 @@ def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor, test_u
     """Anomaly maps (N, H, W) of the test images for --localization `mode` (None for 'none'), and what made
     them: {"localization": mode, "patch_density": "local", "shared" or ""}.
 
-    args supplies eval.py's stride, patch_density, cell_stride, density, patch_batch, amp, channels_last."""
+    args supplies eval.py's stride, patch_density, cell_stride, density, patch_batch, gradcam_target, amp and
+    channels_last."""
     info = {"localization": mode, "patch_density": ""}
     if mode == "gradcam":
-        return gradcam_maps(model, test_u8, device, args.amp, args.channels_last), info
+        info["gradcam_target"] = args.gradcam_target
+        target = gradcam_target(args.gradcam_target, model, train_u8, device, args.amp, args.channels_last)
+        return gradcam_maps(model, test_u8, target, device, args.amp, args.channels_last), info
     if mode == "dense":
         local = use_local_density(args.patch_density, category)
         info["patch_density"] = "local" if local else "shared"
@@ -379,7 +404,8 @@ def report(category: str, test_set, maps: torch.Tensor, info: dict, out: Path, s
     row = {**info, "pixel_auroc": 100 * scores["pixel_auroc"], "pro": 100 * scores["pro"],
            "paper_pixel_auroc": paper_pixel_auroc(category, mode),
            "map_image_auroc": 100 * engine.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))}
-    how = f"{mode}, {info['patch_density']} Gaussian" if info["patch_density"] else mode
+    how = {"dense": f"dense, {info['patch_density']} Gaussian",
+           "gradcam": f"GradCAM of the {info.get('gradcam_target')} score"}.get(mode, mode)
     print(f"{category} pixel AUROC: {scores['pixel_auroc']:.4f}  PRO: {scores['pro']:.4f}  ({how})")
     if save_plots:
         labels = masks.flatten().numpy()

@@ -147,19 +147,47 @@ def test_score_grid_order_matches_direct_scoring(local):
         assert grids[n, i, j] == pytest.approx(float(expect), rel=1e-4)
 
 
-def test_gradcam_maps_shape_and_sign():
+@pytest.mark.parametrize("target", ["density", "logit"])
+def test_gradcam_maps_shape_and_sign(target):
     model = _tiny_model()
     images = (torch.rand(5, 3, 64, 64, generator=gen(6)) * 255).to(torch.uint8)
-    maps = loc.gradcam_maps(model, images, torch.device("cpu"), False, False, batch=2)
-    assert maps.shape == (5, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all()
+    cpu = torch.device("cpu")
+    fn = loc.gradcam_target(target, model, images[:3], cpu, False, False)
+    maps = loc.gradcam_maps(model, images, fn, cpu, False, False, batch=2)
+    assert maps.shape == (5, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0
     assert not model.training and not model.resnet18.layer4._forward_hooks, "mode kept, hook removed"
     assert all(p.grad is None for p in model.parameters()), "no gradients left on the weights"
 
 
-def test_log_odds_target():
-    assert loc.augmented_log_odds(torch.tensor([[2.0, 0.0]])).item() == pytest.approx(-2.0)
+def test_gradcam_matches_its_formula_for_a_linear_target():
+    """For t = sum_k c_k mean_ij A_kij the GradCAM weights are c_k / (h w): the map is relu(sum_k c_k A_k) / (h w)."""
+    model = _tiny_model()
+    images = (torch.rand(2, 3, 96, 96, generator=gen(8)) * 255).to(torch.uint8)
+    coef = torch.rand(512, generator=gen(9)) - 0.4  # mostly positive: a map with positive and clipped parts
+    captured = {}
+    hook = model.resnet18.layer4.register_forward_hook(lambda _m, _i, out: captured.update(f=out))
+
+    def linear(embeds, logits):
+        return (captured["f"].mean(dim=(2, 3)) * coef).sum(dim=1)
+
+    maps = loc.gradcam_maps(model, images, linear, torch.device("cpu"), False, False)
+    with torch.no_grad():
+        model(images.float() / 255)
+    hook.remove()
+    feats = captured["f"]  # (2, 512, 3, 3)
+    cam = torch.relu(torch.einsum("k,nkhw->nhw", coef, feats) / 9).unsqueeze(1)
+    expect = torch.nn.functional.interpolate(cam, size=(96, 96), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(maps, expect, rtol=1e-4, atol=1e-6) and maps.max() > 0
+
+
+def test_targets():
+    assert loc.augmented_log_odds(None, torch.tensor([[2.0, 0.0]])).item() == pytest.approx(-2.0)
     three = torch.tensor([[0.0, 1.0, 1.0]])
-    assert loc.augmented_log_odds(three).item() == pytest.approx(1.0 + torch.log(torch.tensor(2.0)).item())
+    assert loc.augmented_log_odds(None, three).item() == pytest.approx(1.0 + torch.log(torch.tensor(2.0)).item())
+    gauss = density.GaussianDensityTorch()
+    gauss.mean, gauss.precision = torch.tensor([1.0, 0.0]), torch.eye(2) * 4
+    # normalize([0, 3]) = [0, 1]; diff = [-1, 1]; 0.5 * 4 * 2 = 4
+    assert loc.density_target(gauss)(torch.tensor([[0.0, 3.0]]), None).item() == pytest.approx(4.0)
 
 
 def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
