@@ -169,6 +169,7 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    localization.check_eval_args(args)
     device = resolve_device(args.device, args.cuda)
     if args.amp is None:
         args.amp = bf16_supported(device)

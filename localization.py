@@ -25,6 +25,9 @@ from cutpaste import augment_batch, sample_indices
 # scores with a stride of 4". (Appendix A.5 says 32x32 patches; the main text's 64 is our default.)
 PAPER_PATCH_SIZE = 64
 PAPER_STRIDE = 4
+# Smallest trainable patch: ResNet18 downsamples 32x, and below 32 px its last block would see a single
+# pixel. (torch 2.14's CPU bf16 convolution also returns garbage weight gradients for 1 x 1 inputs.)
+MIN_PATCH_SIZE = 32
 # Width of the Gaussian that spreads each patch score over its receptive field (the patch), as the
 # receptive-field upsampling of Liznerski et al. (FCDD, ICLR 2021) that section 4.2 cites.
 SMOOTHING_SIGMA = 4.0
@@ -363,6 +366,15 @@ def paper_pixel_auroc(category: str, mode: str) -> float:
     if mode not in table.columns or category not in table.index:
         return float("nan")
     return float(table.loc[category, mode])
+
+
+def check_eval_args(args) -> None:
+    """eval.py's localization flags, validated with a message that names the flag."""
+    for name in ("stride", "cell_stride", "patch_batch"):
+        if getattr(args, name) < 1:
+            raise CutPasteError(f"--{name} {getattr(args, name)} is out of range; give a positive number")
+    if args.max_heatmaps < 0:
+        raise CutPasteError(f"--max_heatmaps {args.max_heatmaps} is negative; give 0 (no heatmaps) or more")
 
 
 def use_local_density(patch_density: str, category: str) -> bool:

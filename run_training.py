@@ -82,6 +82,9 @@ def check_args(args) -> None:
         raise CutPasteError(f"--workers {args.workers} is negative; give 0 or more")
     if not 0 <= args.patch_size <= args.size:
         raise CutPasteError(f"--patch_size {args.patch_size} must be 0 (whole images) or at most --size {args.size}")
+    if 0 < args.patch_size < localization.MIN_PATCH_SIZE:
+        raise CutPasteError(f"--patch_size {args.patch_size} is below {localization.MIN_PATCH_SIZE}: ResNet18 "
+                            f"downsamples 32x, so smaller patches shrink to one pixel before its last block")
 
 
 def make_optimizer(model, args, steps: int):

@@ -231,10 +231,10 @@ TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained",
 
 def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root):
     (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(tmp_path / "pm"),
-                                 "--log_dir", str(tmp_path / "logs"), "--patch_size", "16", "--variant", "3way",
-                                 "--test_epochs", "2", *TINY])
+                                 "--log_dir", str(tmp_path / "logs"), "--patch_size", "32", "--variant", "3way",
+                                 "--test_epochs", "2", *TINY, "--size", "64"])
     ckpt = engine.read_checkpoint(path)
-    assert ckpt["patch_size"] == 16 and ckpt["config"]["patch_size"] == 16
+    assert ckpt["patch_size"] == 32 and ckpt["config"]["patch_size"] == 32 and ckpt["size"] == 64
     assert ckpt["density"]["precision"].shape == (512, 512) and ckpt["train_scores"].shape == (16,)
     common = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--out_dir", str(tmp_path / "Eval"),
               "--workers", "0", "--max_heatmaps", "2"]
@@ -249,6 +249,14 @@ def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root):
     assert frame["pro"].iloc[-1] == pytest.approx(table["pro"].iloc[0])
     with pytest.raises(CutPasteError, match="patch-level model"):
         eval_script.main(common + ["--localization", "gradcam"])
+    with pytest.raises(CutPasteError, match="--stride 0 is out of range"):
+        eval_script.main(common + ["--stride", "0"])
+    with pytest.raises(CutPasteError, match="--patch_size 64 must be 0"):
+        run_training.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--patch_size", "64",
+                           *TINY])
+    with pytest.raises(CutPasteError, match="--patch_size 16 is below 32"):
+        run_training.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--patch_size", "16",
+                           *TINY])
 
 
 def test_image_model_with_gradcam_and_dense(tmp_path, mvtec_root):
