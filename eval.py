@@ -1,7 +1,9 @@
-"""Evaluate trained CutPaste models: image AUROC per category, plots, and a table beside the paper's.
+"""Evaluate trained CutPaste models: image AUROC per category, plots, and a table beside the paper's;
+with anomaly maps (localization.py) also pixel AUROC, PRO and heatmap figures.
 
     python eval.py --model_dir models
     python eval.py --density sklearn --save_plots 0 | grep AUC
+    python eval.py --model_dir models_patch --stride 16     # a patch-level model, scored densely
 """
 import argparse
 from pathlib import Path
@@ -133,7 +135,8 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
                    train_emb.cpu().numpy(), test_emb.cpu().numpy())
     row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
            "paper_image_auroc": float("nan") if patch_size else paper_auroc(category, ckpt["variant"]),
-           "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name, "patch_size": patch_size}
+           "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,
+           "patch_size": patch_size}
     if maps is not None:
         row.update(localization.report(category, test_set, maps, how, args.out_dir / args.model_dir.name / category,
                                        bool(args.save_plots), args.max_heatmaps))
