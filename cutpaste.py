@@ -205,25 +205,38 @@ def cutpaste_views(images: torch.Tensor, kind: str, gen: torch.Generator) -> tor
     return apply_paste(images, patch_source, params)
 
 
-def make_batch(images_u8: torch.Tensor, variant: str, batch_size: int, gen: torch.Generator):
-    """Sample `batch_size` training images and build the variant's self-supervised batch.
+def sample_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Which of `n` training images fill a batch: distinct ones when there are enough, else with replacement."""
+    if batch_size <= n:
+        return torch.randperm(n, generator=gen, device=gen.device)[:batch_size]
+    return torch.randint(n, (batch_size,), generator=gen, device=gen.device)
 
-    images_u8: (N, 3, H, W) uint8 on the generator's device.
-    Returns x (k * batch_size, 3, H, W) float in [0, 1] and labels (k * batch_size,) long, with k
-    the variant's class count: clean images (0), then CutPaste or union (1), then scar (2 in 3-way,
-    1 in the scar variant). Colour jitter is applied to the whole image first, as the earlier
-    reimplementation did.
+
+def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator):
+    """The variant's self-supervised batch built from clean float images `base` (B, 3, H, W) in [0, 1].
+
+    Returns x (k * B, 3, H, W) and labels (k * B,) long, with k the variant's class count: clean
+    images (0), then CutPaste or union (1), then scar (2 in 3-way, 1 in the scar variant). Colour
+    jitter is applied to the whole image first, as the earlier reimplementation did. The boxes are
+    sampled for H x W, so with patches (section 2.4) CutPaste happens inside each patch.
     """
     if variant not in VARIANT_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    n = images_u8.shape[0]
-    if batch_size <= n:
-        idx = torch.randperm(n, generator=gen, device=gen.device)[:batch_size]
-    else:
-        idx = torch.randint(n, (batch_size,), generator=gen, device=gen.device)
-    base = images_u8[idx].float().div_(255)
+    batch_size = base.shape[0]
     base = apply_jitter(base, sample_jitter(batch_size, gen))
     kinds = {"normal": ["cutpaste"], "scar": ["scar"], "union": ["union"], "3way": ["cutpaste", "scar"]}[variant]
     views = [base] + [cutpaste_views(base, kind, gen) for kind in kinds]
     labels = torch.arange(len(views), device=base.device).repeat_interleave(batch_size)
     return torch.cat(views), labels
+
+
+def make_batch(images_u8: torch.Tensor, variant: str, batch_size: int, gen: torch.Generator):
+    """Sample `batch_size` training images and build the variant's self-supervised batch (see augment_batch).
+
+    images_u8: (N, 3, H, W) uint8 on the generator's device.
+    Returns x (k * batch_size, 3, H, W) float in [0, 1] and labels (k * batch_size,) long.
+    """
+    if variant not in VARIANT_CLASSES:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    idx = sample_indices(images_u8.shape[0], batch_size, gen)
+    return augment_batch(images_u8[idx].float().div_(255), variant, gen)

@@ -76,6 +76,7 @@ def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, densi
         "category": category,
         "variant": args.variant,
         "size": args.size,
+        "patch_size": getattr(args, "patch_size", 0),  # 0: image-level model; else trained on patches this size
         "seed": args.seed,
         "steps": steps,
         "config": config,

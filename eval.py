@@ -1,8 +1,10 @@
-"""Evaluate trained CutPaste models: image AUROC per category, plots, and a table beside the paper's.
+"""Evaluate trained CutPaste models: image AUROC per category, plots, and a table beside the paper's;
+with anomaly maps (localization.py) also pixel AUROC, PRO and heatmap figures.
 
     python eval.py --model_dir models
     python eval.py --density sklearn --save_plots 0 | grep AUC
     python eval.py --model_dir models --ensemble       # every checkpoint per category, scores averaged
+    python eval.py --model_dir models_patch --stride 16     # a patch-level model, scored densely
 """
 import argparse
 from pathlib import Path
@@ -13,11 +15,15 @@ import torch
 
 import dataset
 import engine
+import localization
 import plots
 from common import CutPasteError, bf16_supported, resolve_device, run_main
 from density import DENSITIES
 
 PAPER_TABLE = Path(__file__).resolve().parent / "doc" / "paper_table1.csv"
+# Localization columns of the results tables (present when a category was localized) and their titles.
+PIXEL_COLUMNS = {"pixel_auroc": "pixel AUROC (%)", "pro": "PRO (%)",
+                 "paper_pixel_auroc": "Li et al. Table 2 pixel AUROC (%)", "map_image_auroc": "map-max image AUROC (%)"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,6 +50,27 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="score each category with every checkpoint for it in --model_dir (e.g. 5 seeds), averaging "
                         "their density scores after standardising each by its clean training scores (the paper's "
                         "ensemble, Table 1); tables go to out_dir/<model_dir name>_ensemble")
+    p.add_argument("--localization", type=str, choices=localization.MODES, default="auto",
+                   help="anomaly maps and pixel metrics: dense (patch scores, paper section 4.2), gradcam "
+                        "(image-level models), none, or auto (dense for patch-level models, else none)")
+    p.add_argument("--stride", type=int, default=localization.PAPER_STRIDE,
+                   help="stride of the test patches in dense scoring (paper: 4); larger is faster and coarser")
+    p.add_argument("--patch_density", type=str, choices=localization.PATCH_DENSITIES, default="auto",
+                   help="dense scoring: one Gaussian for all patch positions (shared), one per location cell "
+                        "(local), or auto: local for the aligned objects of paper appendix A.5 (bottle, cable, "
+                        "capsule, metal_nut, pill, toothbrush, transistor, zipper), shared otherwise")
+    p.add_argument("--cell_stride", type=int, default=localization.CELL_STRIDE,
+                   help="dense scoring: size in pixels of the location cells; the Gaussians are fitted on one "
+                        "clean training patch per image and cell")
+    p.add_argument("--patch_batch", type=int, default=localization.PATCH_BATCH,
+                   help="patches per forward pass in dense scoring")
+    p.add_argument("--gradcam_target", type=str, choices=localization.GRADCAM_TARGETS, default="density",
+                   help="what GradCAM explains: density (the anomaly detector's Gaussian score of the embedding, "
+                        "the paper's 'decision of anomaly detector') or logit (the classifier's log-odds of "
+                        "'augmented')")
+    p.add_argument("--max_heatmaps", type=int, default=8,
+                   help="with --save_plots 1, heatmap figures (image, mask, overlay) for at most this many "
+                        "test images per category; 0 for none")
     return p
 
 
@@ -101,20 +128,31 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).eval()
     size = ckpt["size"]
+    patch_size = ckpt.get("patch_size", 0)
+    mode = localization.resolve_mode(args.localization, patch_size, path)
     train = dataset.MVTecTrain(args.data_dir, category, size, args.workers)
     test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers)
     train_emb = engine.embed_images(model, train.images, device, args.amp, args.channels_last)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
     _, scores = engine.fit_and_score(train_emb, test_emb, args.density)
+    maps, how = localization.compute_maps(mode, category, model, train.images, test_set.images, patch_size, args,
+                                          device)
+    if patch_size:  # a patch-level model scores an image by its anomaly map's maximum (section 4.2)
+        scores = maps.amax(dim=(1, 2))
     scores = scores.cpu().numpy()
     auroc = engine.image_auroc(test_set.labels, scores)
     print(f"{category} AUC: {auroc}")
     if args.save_plots:
         save_plots(args.out_dir / args.model_dir.name / category, category, test_set, scores, auroc,
                    train_emb.cpu().numpy(), test_emb.cpu().numpy())
-    return {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
-            "paper_image_auroc": paper_auroc(category, ckpt["variant"]), "steps": ckpt["steps"],
-            "size": size, "density": args.density, "checkpoint": path.name}
+    row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
+           "paper_image_auroc": float("nan") if patch_size else paper_auroc(category, ckpt["variant"]),
+           "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,
+           "patch_size": patch_size}
+    if maps is not None:
+        row.update(localization.report(category, test_set, maps, how, args.out_dir / args.model_dir.name / category,
+                                       bool(args.save_plots), args.max_heatmaps))
+    return row
 
 
 def _pct(value: float) -> str:
@@ -126,6 +164,7 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     mean = {"category": "mean", "image_auroc": frame["image_auroc"].mean(),
             "paper_image_auroc": frame["paper_image_auroc"].mean()}
+    mean.update({col: frame[col].mean() for col in PIXEL_COLUMNS if col in frame})
     frame = pd.concat([frame, pd.DataFrame([mean])], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "results.csv", index=False)
@@ -136,6 +175,9 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
         "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
         "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s))),
     })
+    for col, title in PIXEL_COLUMNS.items():
+        if col in frame:
+            shown[title] = frame[col].map(_pct)
     (out / "results.md").write_text(shown.to_markdown(index=False, stralign="right") + "\n")
     return frame
 
@@ -205,6 +247,7 @@ def ensemble_main(args, wanted: list[str] | None, device: torch.device) -> pd.Da
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    localization.check_eval_args(args)
     device = resolve_device(args.device, args.cuda)
     if args.amp is None:
         args.amp = bf16_supported(device)

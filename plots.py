@@ -55,3 +55,31 @@ def plot_tsne(embeds: np.ndarray, groups: list[str], title: str, path: Path, see
     sns.scatterplot(frame, x="x", y="y", hue="group", s=18, ax=ax)
     ax.set(title=title, xticks=[], yticks=[], xlabel="", ylabel="")
     return _save(fig, path)
+
+
+def plot_heatmap(image: np.ndarray, mask: np.ndarray | None, heatmap: np.ndarray, vmin: float, vmax: float,
+                 title: str, path: Path) -> Path:
+    """Image, ground-truth mask and heatmap overlay side by side.
+
+    image (H, W, 3) uint8; mask (H, W) bool, or None when the image has no usable mask; heatmap (H, W) on
+    the fixed colour scale [vmin, vmax] shared by the category's images.
+    """
+    fig = Figure(figsize=(9, 3.3))
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(image)
+    axes[0].set_title(title, fontsize=9)
+    if mask is None:
+        axes[1].imshow(np.zeros(image.shape[:2]), cmap="gray", vmin=0, vmax=1)
+        axes[1].set_title("no mask", fontsize=9)
+    else:
+        axes[1].imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[1].set_title("ground truth", fontsize=9)
+    axes[2].imshow(image)
+    shown = axes[2].imshow(heatmap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    if mask is not None and mask.any():
+        axes[2].contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+    axes[2].set_title("anomaly map", fontsize=9)
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.set(xticks=[], yticks=[])
+    return _save(fig, path)

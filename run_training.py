@@ -20,6 +20,7 @@ import distributed
 import engine
 import records
 import runstate
+import localization
 from common import (CutPasteError, bf16_supported, make_generator, resolve_device, run_main,
                     seed_everything)
 from cutpaste import VARIANT_CLASSES, VARIANTS, make_batch
@@ -29,6 +30,8 @@ from model import DEFAULT_ARCH, backbone_names
 SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 3e-5
 ADAM_BETAS = (0.9, 0.999)
+# Stride of the test patches when --test_epochs monitors a patch-level model: coarse, to stay cheap.
+MONITOR_STRIDE = 16
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head_layer", type=int, default=1,
                    help="number of 512-wide layers in the projection head (then 128, then the output)")
     p.add_argument("--size", type=int, default=256, help="images are resized to size x size (paper: 256)")
+    p.add_argument("--patch_size", type=int, default=0,
+                   help="train a patch-level model on random patch_size x patch_size crops, CutPaste inside each "
+                        f"(paper section 4.2: {localization.PAPER_PATCH_SIZE} of 256); 0 trains on whole images")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images (0: the main thread)")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
@@ -98,6 +104,11 @@ def check_args(args) -> None:
         raise CutPasteError(f"--workers {args.workers} is negative; give 0 or more")
     if args.save_every < 0:
         raise CutPasteError(f"--save_every {args.save_every} is negative; give 0 (save only on Ctrl-C) or more")
+    if not 0 <= args.patch_size <= args.size:
+        raise CutPasteError(f"--patch_size {args.patch_size} must be 0 (whole images) or at most --size {args.size}")
+    if 0 < args.patch_size < localization.MIN_PATCH_SIZE:
+        raise CutPasteError(f"--patch_size {args.patch_size} is below {localization.MIN_PATCH_SIZE}: ResNet18 "
+                            f"downsamples 32x, so smaller patches shrink to one pixel before its last block")
 
 
 def make_optimizer(model, args, steps: int):
@@ -138,6 +149,10 @@ def flush_scalars(writer, pending: list, category: str) -> float:
 
 def test_auroc(model, train_u8, test_set, device, args) -> float:
     """Image AUROC on the test set with a density fitted on the clean training images (monitoring only)."""
+    if args.patch_size:  # maximum of a coarse anomaly map, to keep monitoring cheap
+        runner = localization.Runner(model, device, args.amp, args.channels_last)
+        maps = localization.dense_maps(runner, train_u8, test_set.images, args.patch_size, MONITOR_STRIDE)
+        return engine.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))
     train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
     _, scores = engine.fit_and_score(train_emb, test_emb)
@@ -173,10 +188,15 @@ def start_run(args, category: str, device: torch.device, model, opt, sched, gen,
 def finish_category(args, category: str, name: str, model, train_u8, device: torch.device, has_state: bool) -> Path:
     """Fit the density on the clean training embeddings, write the checkpoint, drop the training state."""
     model.freeze_backbone(False)
-    train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
-    density, train_scores = engine.fit_and_score(train_emb, train_emb)
-    ckpt = engine.make_checkpoint(model, args, category, args.epochs, density, train_scores)
-    ckpt["heldout_scores"] = calibration.heldout_scores(train_emb)
+    if args.patch_size:  # the Gaussian of a patch-level model is fitted on patches of the clean images
+        runner = localization.Runner(model, device, args.amp, args.channels_last)
+        density, train_scores = localization.fit_patch_density(runner, train_u8, args.patch_size)
+        ckpt = engine.make_checkpoint(model, args, category, args.epochs, density, train_scores)
+    else:
+        train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
+        density, train_scores = engine.fit_and_score(train_emb, train_emb)
+        ckpt = engine.make_checkpoint(model, args, category, args.epochs, density, train_scores)
+        ckpt["heldout_scores"] = calibration.heldout_scores(train_emb)
     path = args.model_dir / f"{name}.tch"
     state = runstate.state_path(args.model_dir, category)
     try:
@@ -214,7 +234,8 @@ def train_category(args, category: str, device: torch.device, stop: runstate.Sto
     for step in bar:
         if freeze and step == args.freeze_resnet:
             model.freeze_backbone(False)
-        x, y = make_batch(train_u8, args.variant, args.batch_size, gen)
+        x, y = (localization.make_patch_batch(train_u8, args.variant, args.batch_size, args.patch_size, gen)
+                if args.patch_size else make_batch(train_u8, args.variant, args.batch_size, gen))
         x = x.contiguous(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
         lr = opt.param_groups[0]["lr"]
         loss, acc = train_step(step_model, opt, sched, x, y, device, args.amp)

@@ -5,6 +5,7 @@ import pytest
 
 import benchmark
 import dataset
+import bench_localization
 import demo
 import demo_data
 import eval as eval_script
@@ -17,7 +18,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 @pytest.mark.parametrize("module", [run_training, eval_script, demo, demo_data, benchmark, reproduce, figures,
-                                    dataset, predict])
+                                    dataset, predict, bench_localization])
 def test_every_flag_is_documented(module):
     for action in module.get_args_parser()._actions:
         for flag in action.option_strings:
