@@ -11,6 +11,9 @@ import math
 import platform
 import random
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +24,11 @@ from torchvision.transforms import v2 as T
 
 import dataset
 import engine
-from common import bf16_supported, make_generator, resolve_device, run_main, seed_everything
+import eval as eval_script
+import run_training
+from common import CutPasteError, bf16_supported, make_generator, resolve_device, run_main, seed_everything
 from cutpaste import (CUTPASTE_AREA_RATIO, CUTPASTE_ASPECT_RATIO, COLOR_JITTER, VARIANT_CLASSES, VARIANTS,
                      make_batch)
-from run_training import make_optimizer, train_step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,17 +103,17 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = engine.build_model(1, VARIANT_CLASSES[args.variant]).to(device, memory_format=fmt)
     step_model = torch.compile(model) if compile_model else model
-    opt, sched = make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
+    opt, sched = run_training.make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
     x, y = make_batch(images_u8, args.variant, args.batch_size, gen)
     n = x.shape[0]
     aug = timed(lambda: make_batch(images_u8, args.variant, args.batch_size, gen), device, args.steps, args.warmup)
     x_fmt = x.contiguous(memory_format=fmt)
-    model_only = timed(lambda: train_step(step_model, opt, sched, x_fmt, y, device, amp), device, args.steps,
-                       args.warmup)
+    model_only = timed(lambda: run_training.train_step(step_model, opt, sched, x_fmt, y, device, amp), device,
+                       args.steps, args.warmup)
 
     def end_to_end():
         xb, yb = make_batch(images_u8, args.variant, args.batch_size, gen)
-        return train_step(step_model, opt, sched, xb.contiguous(memory_format=fmt), yb, device, amp)
+        return run_training.train_step(step_model, opt, sched, xb.contiguous(memory_format=fmt), yb, device, amp)
 
     e2e = timed(end_to_end, device, args.steps, args.warmup)
     return {"augmentation img/s": n / aug, "model step img/s": n / model_only, "end-to-end img/s": n / e2e,
@@ -120,7 +124,7 @@ def bench_reference(args, images_u8, device) -> dict:
     """The reference: PIL CutPaste per image in DataLoader workers, float32 NCHW (variant normal)."""
     seed_everything(0)
     model = engine.build_model(1, 2).to(device)
-    opt, sched = make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
+    opt, sched = run_training.make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
     steps = args.steps + args.warmup
     data = ReferenceCutPaste(images_u8.cpu(), steps * args.batch_size)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.ref_workers,
@@ -131,30 +135,51 @@ def bench_reference(args, images_u8, device) -> dict:
         clean, aug = next(it)
         xb = torch.cat([clean, aug]).to(device)
         yb = torch.arange(2, device=device).repeat_interleave(clean.shape[0])
-        return train_step(model, opt, sched, xb, yb, device, False)
+        return run_training.train_step(model, opt, sched, xb, yb, device, False)
 
     e2e = timed(end_to_end, device, args.steps, args.warmup)
     return {"end-to-end img/s": 2 * args.batch_size / e2e, "end-to-end s/step": e2e}
 
 
-def bench_eval(args, device, amp: bool) -> dict:
-    """Seconds to evaluate one category: decode, embed train and test, fit the density, score."""
-    model = engine.build_model(1, 2).to(device, memory_format=torch.channels_last).eval()
-    start = time.perf_counter()
+def make_eval_checkpoint(args, model_dir: Path, device, amp: bool) -> Path:
+    """A checkpoint of an untrained model, its Gaussian fitted as the end of training fits it (timing only)."""
+    train_args = run_training.get_args_parser().parse_args(
+        ["--type", args.type, "--size", str(args.size), "--no-pretrained", "--model_dir", str(model_dir)])
+    model = engine.build_model(train_args.head_layer, VARIANT_CLASSES[train_args.variant])
+    model = model.to(device, memory_format=torch.channels_last)
     train = dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers)
-    test = dataset.MVTecTest(args.data_dir, args.type, args.size, args.workers)
-    decoded = time.perf_counter()
-    train_emb = engine.embed_images(model, train.images, device, amp, True)
-    test_emb = engine.embed_images(model, test.images, device, amp, True)
-    engine.fit_and_score(train_emb, test_emb)
-    sync(device)
-    end = time.perf_counter()
-    n = len(train) + len(test)
-    return {"eval s": end - start, "eval decode s": decoded - start, "eval embed img/s": n / (end - decoded)}
+    emb = engine.embed_images(model, train.images, device, amp, True)
+    density, scores = engine.fit_and_score(emb, emb)
+    path = model_dir / f"model-{args.type}-benchmark.tch"
+    engine.save_checkpoint(engine.make_checkpoint(model, train_args, args.type, 0, density, scores), path)
+    return path
+
+
+def bench_eval(args, device, amp: bool) -> dict:
+    """Seconds to evaluate one category from a checkpoint with eval.py: in this process (decode the test images,
+    read the checkpoint, embed, score, AUROC, tables; no plots), and as the whole command a user runs
+    (a fresh Python process with its imports, default plots included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "models"
+        make_eval_checkpoint(args, model_dir, device, amp)
+        flags = ["--data_dir", str(args.data_dir), "--type", args.type, "--model_dir", str(model_dir),
+                 "--out_dir", str(Path(tmp) / "Eval"), "--device", str(device), "--workers", str(args.workers)]
+        start = time.perf_counter()
+        eval_script.main([*flags, "--save_plots", "0"])
+        sync(device)
+        in_process = time.perf_counter() - start
+        start = time.perf_counter()
+        res = subprocess.run([sys.executable, str(Path(__file__).with_name("eval.py")), *flags],
+                             capture_output=True, text=True)
+        command = time.perf_counter() - start
+    if res.returncode != 0:
+        raise CutPasteError(f"eval.py failed in the benchmark: {res.stderr.strip()[-500:]}")
+    return {"eval in-process s": in_process, "eval command s (python eval.py, plots on)": command}
 
 
 def bench_reference_eval(args, device) -> dict:
-    """Reference evaluation: per-image PIL loading in a DataLoader (no workers), float32 NCHW, sklearn density."""
+    """Reference evaluation, as the earlier reimplementation evaluates: per-image PIL loading in a DataLoader (no
+    workers), float32 NCHW, the clean training images embedded again and scikit-learn's LedoitWolf refitted."""
     model = engine.build_model(1, 2).to(device).eval()
     tf = T.Compose([T.Resize((args.size, args.size)), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
 
@@ -222,7 +247,8 @@ def main(argv=None):
         rows.update({f"ours: {k}": v for k, v in bench_eval(args, device, amp).items()})
         if args.reference:
             rows["reference: eval s"] = bench_reference_eval(args, device)["eval s"]
-            rows["speed-up eval (reference / ours)"] = rows["reference: eval s"] / rows["ours: eval s"]
+            rows["speed-up eval in-process (reference / ours)"] = \
+                rows["reference: eval s"] / rows["ours: eval in-process s"]
     rows.update(peak_memory(device))
     text = report(args, device, amp, rows)
     print(text)

@@ -58,9 +58,10 @@ class GaussianDensityTorch:
         return {"kind": self.name, "mean": self.mean.cpu(), "precision": self.precision.cpu()}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "GaussianDensityTorch":
+    def from_state_dict(cls, state: dict, device: torch.device | str | None = None) -> "GaussianDensityTorch":
         density = cls()
-        density.mean, density.precision = state["mean"], state["precision"]
+        density.mean = state["mean"].float().to(device)
+        density.precision = state["precision"].float().to(device)
         return density
 
 
@@ -83,6 +84,11 @@ class GaussianDensitySklearn:
 
 
 DENSITIES = {"torch": GaussianDensityTorch, "sklearn": GaussianDensitySklearn}
+
+
+def as_torch(density, device: torch.device | str | None = None) -> GaussianDensityTorch:
+    """The same Gaussian (mean, precision) as a GaussianDensityTorch on `device`, e.g. to differentiate through it."""
+    return GaussianDensityTorch.from_state_dict(density.state_dict(), device)
 
 
 def make_density(name: str):

@@ -96,7 +96,8 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
 def read_checkpoint(path: Path) -> dict:
     """Load and validate a checkpoint file (tensors to CPU); errors name the file."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only the tensors that are used are read, so matching a category among many checkpoints is cheap.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise CutPasteError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:200]}); "
                             f"it may be truncated or not a CutPaste checkpoint: retrain or remove it") from None
@@ -121,6 +122,20 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
         raise CutPasteError(f"{path} does not match the model layout it declares ({first[:200]}); "
                             f"it was written by other code: retrain it") from None
     return model
+
+
+def density_from_checkpoint(ckpt: dict, path: Path, device: torch.device) -> density_lib.GaussianDensityTorch:
+    """The image-level Gaussian fitted on the clean training embeddings at the end of training, on `device`."""
+    if ckpt.get("patch_size", 0):
+        raise CutPasteError(f"{path} is a patch-level model (--patch_size {ckpt['patch_size']}): it scores an image "
+                            f"by the maximum of its anomaly map; evaluate it with eval.py --localization dense")
+    state = ckpt["density"]
+    mean, precision = state.get("mean"), state.get("precision")
+    dim = ckpt["model"].get("embed_dim", None if mean is None else mean.shape[-1])  # older files lack embed_dim
+    if mean is None or tuple(mean.shape) != (dim,) or precision is None or tuple(precision.shape) != (dim, dim):
+        raise CutPasteError(f"{path} holds no Gaussian of {dim}-d embeddings (written by other code); retrain it, "
+                            f"or refit the Gaussian with eval.py --density torch")
+    return density_lib.GaussianDensityTorch.from_state_dict(state, device)
 
 
 def normalized_scores(train_scores: torch.Tensor, test_scores: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,15 @@ import pandas as pd
 import torch
 
 import dataset
+import density as density_lib
 import engine
 import localization
 import plots
 from common import CutPasteError, bf16_supported, resolve_device, run_main
-from density import DENSITIES
+
+# --density: the Gaussian stored in the checkpoint, or one refitted here by the named estimator.
+CHECKPOINT_DENSITY = "checkpoint"
+DENSITY_CHOICES = (CHECKPOINT_DENSITY, *density_lib.DENSITIES)
 
 PAPER_TABLE = Path(__file__).resolve().parent / "doc" / "paper_table1.csv"
 # Localization columns of the results tables (present when a category was localized) and their titles.
@@ -34,8 +38,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="comma-separated categories, or 'all' for every category with a checkpoint")
     p.add_argument("--model_dir", type=Path, default=Path("models"), help="folder of checkpoints (*.tch)")
     p.add_argument("--out_dir", type=Path, default=Path("Eval"), help="plots and tables go to out_dir/<model_dir name>")
-    p.add_argument("--density", type=str, choices=tuple(DENSITIES), default="torch",
-                   help="Gaussian density: torch (Ledoit-Wolf in torch, on the device) or sklearn (LedoitWolf)")
+    p.add_argument("--density", type=str, choices=DENSITY_CHOICES, default=CHECKPOINT_DENSITY,
+                   help="Gaussian density of the image embeddings (paper section 3.3): checkpoint (the one fitted on "
+                        "the clean training embeddings at the end of training and stored in the checkpoint; no "
+                        "training image is read), or refit here on --data_dir's training images with torch "
+                        "(Ledoit-Wolf in torch, on the device) or sklearn (scikit-learn's LedoitWolf). Dense "
+                        "localization always fits its patch Gaussians here (with sklearn when asked, else torch)")
     p.add_argument("--save_plots", type=int, choices=(0, 1), default=1, help="1 writes ROC, histogram and t-SNE plots")
     p.add_argument("--head_layer", type=int, default=None,
                    help="accepted for compatibility; the checkpoint's own head layout is always used")
@@ -112,46 +120,61 @@ def paper_auroc(category: str, variant: str) -> float:
 
 
 def save_plots(out: Path, category: str, test_set, scores: np.ndarray, auroc: float,
-               train_emb: np.ndarray, test_emb: np.ndarray) -> None:
+               test_emb: np.ndarray | None) -> None:
     labels = test_set.labels.numpy()
     if len(set(labels.tolist())) == 2:
         plots.plot_roc(labels, scores, auroc, f"{category}: image ROC", out / "roc.png")
     plots.plot_score_hist(scores, test_set.defects, f"{category}: anomaly scores", out / "score_hist.png")
-    groups = ["train (good)"] * len(train_emb) + [f"test {d}" for d in test_set.defects]
-    plots.plot_tsne(np.concatenate([train_emb, test_emb]), groups, f"{category}: t-SNE of embeddings",
-                    out / "tsne.png")
+    if test_emb is not None:
+        plots.plot_tsne(test_emb, [f"test {d}" for d in test_set.defects], f"{category}: t-SNE of test embeddings",
+                        out / "tsne.png")
+
+
+def load_model(args, ckpt: dict, path: Path, device: torch.device):
+    model = engine.model_from_checkpoint(ckpt, path)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt).eval()
+
+
+def image_density(args, ckpt: dict, path: Path, model, train_u8: torch.Tensor | None, device: torch.device):
+    """The Gaussian of the clean image embeddings (section 3.3): the checkpoint's, or refit on `train_u8`."""
+    if args.density == CHECKPOINT_DENSITY:
+        return engine.density_from_checkpoint(ckpt, path, device)
+    train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
+    return density_lib.make_density(args.density).fit(density_lib.normalize(train_emb))
 
 
 def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch.device) -> dict:
-    """Embed clean training and test images with the checkpoint's model, fit the density, score."""
-    model = engine.model_from_checkpoint(ckpt, path)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).eval()
-    size = ckpt["size"]
-    patch_size = ckpt.get("patch_size", 0)
+    """Score one category's test images with its checkpoint: Mahalanobis distances of the image embeddings or,
+    for a patch-level model, the maxima of its anomaly maps (section 4.2); AUROC, plots, pixel metrics."""
+    model = load_model(args, ckpt, path, device)
+    size, patch_size = ckpt["size"], ckpt.get("patch_size", 0)
     mode = localization.resolve_mode(args.localization, patch_size, path)
-    train = dataset.MVTecTrain(args.data_dir, category, size, args.workers)
     test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers)
-    train_emb = engine.embed_images(model, train.images, device, args.amp, args.channels_last)
-    test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
-    _, scores = engine.fit_and_score(train_emb, test_emb, args.density)
-    maps, how = localization.compute_maps(mode, category, model, train.images, test_set.images, patch_size, args,
-                                          device)
-    if patch_size:  # a patch-level model scores an image by its anomaly map's maximum (section 4.2)
+    needs_train = mode == "dense" or (not patch_size and args.density != CHECKPOINT_DENSITY)
+    train_u8 = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if needs_train else None
+    density = test_emb = None
+    if not patch_size:
+        density = image_density(args, ckpt, path, model, train_u8, device)
+        test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
+        scores = density.score(density_lib.normalize(test_emb))
+        density = density_lib.as_torch(density, device)  # GradCAM differentiates through it
+    maps, how = localization.compute_maps(mode, category, model, train_u8, test_set.images, patch_size, args,
+                                          device, density)
+    if patch_size:
         scores = maps.amax(dim=(1, 2))
-    scores = scores.cpu().numpy()
+    scores = scores.float().cpu().numpy()
     auroc = engine.image_auroc(test_set.labels, scores)
     print(f"{category} AUC: {auroc}")
+    out = args.out_dir / args.model_dir.name / category
     if args.save_plots:
-        save_plots(args.out_dir / args.model_dir.name / category, category, test_set, scores, auroc,
-                   train_emb.cpu().numpy(), test_emb.cpu().numpy())
+        save_plots(out, category, test_set, scores, auroc, None if test_emb is None else test_emb.cpu().numpy())
     row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
            "paper_image_auroc": float("nan") if patch_size else paper_auroc(category, ckpt["variant"]),
            "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,
            "patch_size": patch_size}
     if maps is not None:
-        row.update(localization.report(category, test_set, maps, how, args.out_dir / args.model_dir.name / category,
-                                       bool(args.save_plots), args.max_heatmaps))
+        row.update(localization.report(category, test_set, maps, how, out, bool(args.save_plots), args.max_heatmaps))
     return row
 
 
@@ -183,21 +206,21 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
 
 
 def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, device: torch.device):
-    """One ensemble member's (clean training scores, test scores, test set), its Gaussian fitted as for a single
-    model; `data` caches the decoded images per image size across members."""
-    model = engine.model_from_checkpoint(ckpt, path)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).eval()
-    size = ckpt["size"]
-    if size not in data:
-        data[size] = (dataset.MVTecTrain(args.data_dir, category, size, args.workers),
-                      dataset.MVTecTest(args.data_dir, category, size, args.workers))
-    train, test_set = data[size]
-    train_emb = engine.embed_images(model, train.images, device, args.amp, args.channels_last)
+    """One ensemble member's (clean training scores, test scores, test set) from its Gaussian (as for a single
+    model); `data` caches the decoded images per image size across members."""
+    model = load_model(args, ckpt, path, device)
+    size, refit = ckpt["size"], args.density != CHECKPOINT_DENSITY
+    if size not in data or (refit and data[size][0] is None):
+        train = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if refit else None
+        data[size] = (train, dataset.MVTecTest(args.data_dir, category, size, args.workers))
+    train_u8, test_set = data[size]
+    density = image_density(args, ckpt, path, model, train_u8, device)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
-    _, scores = engine.fit_and_score(train_emb, torch.cat([train_emb, test_emb]), args.density)
-    scores = scores.cpu()
-    return scores[:len(train_emb)], scores[len(train_emb):], test_set
+    test_scores = density.score(density_lib.normalize(test_emb)).float().cpu()
+    if not refit:
+        return ckpt["train_scores"].float(), test_scores, test_set
+    train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
+    return density.score(density_lib.normalize(train_emb)).float().cpu(), test_scores, test_set
 
 
 def _common(values: list):

@@ -296,12 +296,13 @@ def gradcam_maps(model, images_u8: torch.Tensor, target, device: torch.device, a
     return torch.cat(maps)
 
 
-def gradcam_target(name: str, model, train_u8: torch.Tensor, device: torch.device, amp: bool, channels_last: bool):
-    """--gradcam_target: 'density' (the Gaussian of the clean training images' embeddings) or 'logit'."""
+def gradcam_target(name: str, density: density_lib.GaussianDensityTorch | None = None):
+    """--gradcam_target: 'density' (the detector's Gaussian of the clean training embeddings) or 'logit'."""
     if name == "logit":
         return augmented_log_odds
-    embeds = engine.embed_images(model, train_u8, device, amp, channels_last)
-    return density_target(density_lib.GaussianDensityTorch().fit(density_lib.normalize(embeds)))
+    if density is None:
+        raise ValueError("GradCAM target 'density' needs the image-level Gaussian")
+    return density_target(density)
 
 
 # ---- evaluation helpers ----
@@ -384,24 +385,28 @@ def use_local_density(patch_density: str, category: str) -> bool:
     return patch_density == "local" or (patch_density == "auto" and category in ALIGNED_CATEGORIES)
 
 
-def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor, test_u8: torch.Tensor, patch_size: int,
-                 args, device: torch.device):
+def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor | None, test_u8: torch.Tensor,
+                 patch_size: int, args, device: torch.device, density: density_lib.GaussianDensityTorch | None = None):
     """Anomaly maps (N, H, W) of the test images for --localization `mode` (None for 'none'), and what made
     them: {"localization": mode, "patch_density": "local", "shared" or ""}.
+
+    Dense scoring fits its patch Gaussians on the clean training images `train_u8`; GradCAM's 'density' target
+    is the image-level Gaussian `density`.
 
     args supplies eval.py's stride, patch_density, cell_stride, density, patch_batch, gradcam_target, amp and
     channels_last."""
     info = {"localization": mode, "patch_density": ""}
     if mode == "gradcam":
         info["gradcam_target"] = args.gradcam_target
-        target = gradcam_target(args.gradcam_target, model, train_u8, device, args.amp, args.channels_last)
+        target = gradcam_target(args.gradcam_target, density)
         return gradcam_maps(model, test_u8, target, device, args.amp, args.channels_last), info
     if mode == "dense":
         local = use_local_density(args.patch_density, category)
         info["patch_density"] = "local" if local else "shared"
         runner = Runner(model, device, args.amp, args.channels_last, args.patch_batch)
         patch = dense_patch_size(patch_size, test_u8.shape[-1])
-        return dense_maps(runner, train_u8, test_u8, patch, args.stride, args.density, local, args.cell_stride), info
+        kind = args.density if args.density in density_lib.DENSITIES else "torch"  # patch Gaussians are refitted
+        return dense_maps(runner, train_u8, test_u8, patch, args.stride, kind, local, args.cell_stride), info
     return None, info
 
 

@@ -96,13 +96,12 @@ class Detector:
         if amp is None:
             amp = bool(ckpt["config"].get("amp", False)) and bf16_supported(dev)
         model = engine.model_from_checkpoint(ckpt, path).to(dev, memory_format=torch.channels_last).eval()
-        state = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in ckpt["density"].items()}
         held = ckpt.get("heldout_scores")
         if held is not None and held.numel() > 0:
             scores, source = held.float(), "held-out clean training scores"
         else:
             scores, source = ckpt["train_scores"].float(), "in-sample clean training scores (older checkpoint)"
-        return cls(model, density_lib.GaussianDensityTorch.from_state_dict(state), int(ckpt["size"]), dev, amp,
+        return cls(model, engine.density_from_checkpoint(ckpt, path, dev), int(ckpt["size"]), dev, amp,
                    scores, source, ckpt["category"], str(path), heatmap)
 
     def threshold(self, quantile: float = calibration.DEFAULT_QUANTILE) -> float:

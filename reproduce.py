@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also score each category and variant with all --seeds together (eval.py --ensemble)")
     p.add_argument("--figures_dir", type=Path, default=None,
                    help="when given, copy the CSV there and draw the figures and table into it with figures.py")
-    p.add_argument("--density", type=str, choices=tuple(eval_script.DENSITIES), default="torch",
+    p.add_argument("--density", type=str, choices=eval_script.DENSITY_CHOICES, default=eval_script.CHECKPOINT_DENSITY,
                    help="Gaussian density for evaluation, as eval.py --density")
     p.add_argument("--save_plots", type=int, choices=(0, 1), default=0,
                    help="1 writes eval.py's per-category plots under <out_dir>/eval/")

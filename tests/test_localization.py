@@ -152,7 +152,9 @@ def test_gradcam_maps_shape_and_sign(target):
     model = _tiny_model()
     images = (torch.rand(5, 3, 64, 64, generator=gen(6)) * 255).to(torch.uint8)
     cpu = torch.device("cpu")
-    fn = loc.gradcam_target(target, model, images[:3], cpu, False, False)
+    gauss = density.GaussianDensityTorch().fit(density.normalize(engine.embed_images(model, images[:3], cpu, False,
+                                                                                     False)))
+    fn = loc.gradcam_target(target, gauss)
     maps = loc.gradcam_maps(model, images, fn, cpu, False, False, batch=2)
     assert maps.shape == (5, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0
     assert not model.training and not model.resnet18.layer4._forward_hooks, "mode kept, hook removed"

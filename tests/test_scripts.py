@@ -11,6 +11,7 @@ import torch
 import engine
 import eval as eval_script
 import run_training
+from common import CutPasteError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--no-pretrained", "--log_every", "2",
@@ -67,16 +68,35 @@ def test_same_seed_same_model(tmp_path, mvtec_root):
 
 
 def test_densities_agree_and_auc_lines(tmp_path, mvtec_root):
+    """The Gaussian stored at the end of training scores the test set as one refitted here does."""
     train(tmp_path, mvtec_root, "--type", "lid", "--variant", "union")
     lines = {}
-    for kind in ("torch", "sklearn"):
+    for kind in ("checkpoint", "torch", "sklearn"):
         res = run_script("eval.py", "--density", kind, "--cuda", "1", "--head_layer", "2", "--save_plots", "0",
                          "--data_dir", str(mvtec_root), cwd=tmp_path)
         assert res.returncode == 0, res.stderr
         lines[kind] = [ln for ln in res.stdout.splitlines() if "AUC" in ln]
     assert len(lines["torch"]) == 1 and lines["torch"][0].startswith("lid AUC: 0.")
-    assert float(lines["torch"][0].split()[-1]) == pytest.approx(float(lines["sklearn"][0].split()[-1]), abs=1e-6)
+    for kind in ("checkpoint", "sklearn"):
+        assert float(lines[kind][0].split()[-1]) == pytest.approx(float(lines["torch"][0].split()[-1]), abs=1e-6)
     assert (tmp_path / "Eval" / "models" / "results.md").exists()
+
+
+def test_stored_density_reads_no_training_image(tmp_path, mvtec_root):
+    (path,) = train(tmp_path, mvtec_root, "--type", "lid", "--variant", "normal")
+    test_only = tmp_path / "test_only"
+    shutil.copytree(mvtec_root / "lid", test_only / "lid", ignore=shutil.ignore_patterns("train"))
+    args = ["--data_dir", str(test_only), "--model_dir", str(tmp_path / "models"), "--out_dir", str(tmp_path / "Eval"),
+            "--save_plots", "0", "--workers", "0"]
+    refit = eval_script.main([*args, "--data_dir", str(mvtec_root), "--density", "torch"])
+    frame = eval_script.main(args)
+    assert frame["image_auroc"].iloc[0] == pytest.approx(refit["image_auroc"].iloc[0], abs=1e-4)
+    with pytest.raises(CutPasteError, match="found 0 images in"):
+        eval_script.main([*args, "--density", "torch"])
+    ckpt = engine.read_checkpoint(path)
+    ckpt["patch_size"] = 32
+    with pytest.raises(CutPasteError, match="patch-level model"):
+        engine.density_from_checkpoint(ckpt, path, torch.device("cpu"))
 
 
 def test_legacy_training_command_parses(tmp_path, mvtec_root):
@@ -140,6 +160,7 @@ def test_benchmark_smoke(tmp_path, mvtec_root):
                            "--steps", "1", "--warmup", "1", "--ref_workers", "0", "--workers", "0",
                            "--out", str(tmp_path / "bench.md")])
     for key in ("ours: end-to-end img/s", "ours: pipeline efficiency", "reference: end-to-end img/s",
-                "ours: eval s", "speed-up eval (reference / ours)", "peak RSS MiB"):
+                "ours: eval in-process s", "ours: eval command s (python eval.py, plots on)",
+                "speed-up eval in-process (reference / ours)", "peak RSS MiB"):
         assert rows[key] > 0, key
     assert "| ours: model step img/s |" in (tmp_path / "bench.md").read_text()
