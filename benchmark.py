@@ -11,6 +11,7 @@ import math
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--variant", type=str, choices=VARIANTS, default="normal", help="CutPaste variant")
     p.add_argument("--batch_size", type=int, default=32, help="clean images per step")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed steps per measurement (model-only and end-to-end steps alternate; medians are kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the reference pipeline (per-image PIL, float32, NCHW)")
@@ -68,6 +70,23 @@ def timed(fn, device, steps: int, warmup: int) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def timed_alternating(fn_a, fn_b, device, steps: int, warmup: int) -> tuple[float, float]:
+    """Median seconds per call of fn_a and of fn_b, called in turn so that a change of machine load hits both
+    alike; each call is timed on its own, the device synchronised around it."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times = ([], [])
+    for _ in range(steps):
+        for fn, out in zip((fn_a, fn_b), times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 class ReferenceCutPaste(Dataset):
@@ -108,14 +127,14 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
     n = x.shape[0]
     aug = timed(lambda: make_batch(images_u8, args.variant, args.batch_size, gen), device, args.steps, args.warmup)
     x_fmt = x.contiguous(memory_format=fmt)
-    model_only = timed(lambda: run_training.train_step(step_model, opt, sched, x_fmt, y, device, amp), device,
-                       args.steps, args.warmup)
 
     def end_to_end():
         xb, yb = make_batch(images_u8, args.variant, args.batch_size, gen)
         return run_training.train_step(step_model, opt, sched, xb.contiguous(memory_format=fmt), yb, device, amp)
 
-    e2e = timed(end_to_end, device, args.steps, args.warmup)
+    model_only, e2e = timed_alternating(
+        lambda: run_training.train_step(step_model, opt, sched, x_fmt, y, device, amp), end_to_end, device,
+        args.steps, args.warmup)
     return {"augmentation img/s": n / aug, "model step img/s": n / model_only, "end-to-end img/s": n / e2e,
             "pipeline efficiency": model_only / e2e, "end-to-end s/step": e2e}
 

@@ -188,15 +188,15 @@ def start_run(args, category: str, device: torch.device, model, opt, sched, gen,
 def finish_category(args, category: str, name: str, model, train_u8, device: torch.device, has_state: bool) -> Path:
     """Fit the density on the clean training embeddings, write the checkpoint, drop the training state."""
     model.freeze_backbone(False)
+    extra = {}
     if args.patch_size:  # the Gaussian of a patch-level model is fitted on patches of the clean images
         runner = localization.Runner(model, device, args.amp, args.channels_last)
         density, train_scores = localization.fit_patch_density(runner, train_u8, args.patch_size)
-        ckpt = engine.make_checkpoint(model, args, category, args.epochs, density, train_scores)
     else:
         train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
         density, train_scores = engine.fit_and_score(train_emb, train_emb)
-        ckpt = engine.make_checkpoint(model, args, category, args.epochs, density, train_scores)
-        ckpt["heldout_scores"] = calibration.heldout_scores(train_emb)
+        extra["heldout_scores"] = calibration.heldout_scores(train_emb)  # predict.py's threshold
+    ckpt = {**engine.make_checkpoint(model, args, category, args.epochs, density, train_scores), **extra}
     path = args.model_dir / f"{name}.tch"
     state = runstate.state_path(args.model_dir, category)
     try:

@@ -1,3 +1,5 @@
+import os
+import stat
 import urllib.error
 
 import pytest
@@ -63,3 +65,12 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
         common.atomic_save({"a": Unpicklable()}, target)
     assert torch.equal(torch.load(target)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.tch"], "no temporary file left behind"
+
+
+def test_atomic_save_gives_the_mode_of_a_plain_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        common.atomic_save({"a": torch.ones(2)}, tmp_path / "ckpt.tch")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt.tch").stat().st_mode) == 0o644, "not mkstemp's 0600"
