@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
+from tqdm import tqdm
 
 import dataset
 import engine
@@ -30,6 +31,11 @@ import run_training
 from common import CutPasteError, bf16_supported, make_generator, resolve_device, run_main, seed_everything
 from cutpaste import (CUTPASTE_AREA_RATIO, CUTPASTE_ASPECT_RATIO, COLOR_JITTER, VARIANT_CLASSES, VARIANTS,
                      make_batch)
+
+
+# The earlier reimplementation's DataLoader: 8 workers (its --workers default), 5 batches prefetched per worker.
+REFERENCE_WORKERS = 8
+REFERENCE_PREFETCH = 5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,9 +52,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the reference pipeline (per-image PIL, float32, NCHW)")
-    p.add_argument("--ref_workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
+    p.add_argument("--ref_workers", type=int, default=REFERENCE_WORKERS,
+                   help="DataLoader workers of the reference pipeline (the earlier reimplementation's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure the model step under torch.compile")
+    p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure throughput and evaluation time (--no-timing with --auroc_steps: AUROC only)")
+    p.add_argument("--auroc_steps", type=int, default=0,
+                   help="also train ours and the reference this many steps (variant normal, run_training.py's "
+                        "defaults) from each --auroc_seeds seed and report both test image AUROCs; 0 skips")
+    p.add_argument("--auroc_seeds", type=str, default="0", help="comma-separated seeds of the --auroc_steps runs")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images")
     p.add_argument("--out", type=Path, default=None, help="also write the results as markdown to this file")
@@ -120,9 +133,10 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
     seed_everything(0)
     gen = make_generator(device, 0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = engine.build_model(1, VARIANT_CLASSES[args.variant]).to(device, memory_format=fmt)
+    defaults = training_defaults()
+    model = engine.build_model(defaults.head_layer, VARIANT_CLASSES[args.variant]).to(device, memory_format=fmt)
     step_model = torch.compile(model) if compile_model else model
-    opt, sched = run_training.make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
+    opt, sched = run_training.make_optimizer(model, defaults, 10 ** 6)
     x, y = make_batch(images_u8, args.variant, args.batch_size, gen)
     n = x.shape[0]
     aug = timed(lambda: make_batch(images_u8, args.variant, args.batch_size, gen), device, args.steps, args.warmup)
@@ -139,25 +153,78 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
             "pipeline efficiency": model_only / e2e, "end-to-end s/step": e2e}
 
 
+def reference_loader(images_u8: torch.Tensor, batch_size: int, steps: int, workers: int) -> DataLoader:
+    """Batches of (clean, CutPaste) images from the reference pipeline, enough for `steps` steps."""
+    return DataLoader(ReferenceCutPaste(images_u8.cpu(), steps * batch_size), batch_size=batch_size, shuffle=True,
+                      num_workers=workers, persistent_workers=workers > 0,
+                      prefetch_factor=REFERENCE_PREFETCH if workers > 0 else None)
+
+
+def reference_batch(clean: torch.Tensor, aug: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's (x, y): clean images labelled 0, then their CutPaste versions labelled 1."""
+    return torch.cat([clean, aug]).to(device), torch.arange(2, device=device).repeat_interleave(clean.shape[0])
+
+
 def bench_reference(args, images_u8, device) -> dict:
     """The reference: PIL CutPaste per image in DataLoader workers, float32 NCHW (variant normal)."""
     seed_everything(0)
-    model = engine.build_model(1, 2).to(device)
-    opt, sched = run_training.make_optimizer(model, argparse.Namespace(optim="sgd", lr=0.03), 10 ** 6)
-    steps = args.steps + args.warmup
-    data = ReferenceCutPaste(images_u8.cpu(), steps * args.batch_size)
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.ref_workers,
-                        persistent_workers=args.ref_workers > 0)
-    it = iter(loader)
+    defaults = training_defaults()
+    model = engine.build_model(defaults.head_layer, 2).to(device)
+    opt, sched = run_training.make_optimizer(model, defaults, 10 ** 6)
+    it = iter(reference_loader(images_u8, args.batch_size, args.steps + args.warmup, args.ref_workers))
 
     def end_to_end():
-        clean, aug = next(it)
-        xb = torch.cat([clean, aug]).to(device)
-        yb = torch.arange(2, device=device).repeat_interleave(clean.shape[0])
+        xb, yb = reference_batch(*next(it), device)
         return run_training.train_step(model, opt, sched, xb, yb, device, False)
 
     e2e = timed(end_to_end, device, args.steps, args.warmup)
     return {"end-to-end img/s": 2 * args.batch_size / e2e, "end-to-end s/step": e2e}
+
+
+def training_defaults() -> argparse.Namespace:
+    """run_training.py's defaults (head, optimizer, learning rate), so the benchmark trains as the script does."""
+    return run_training.get_args_parser().parse_args([])
+
+
+def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int) -> float:
+    """Test image AUROC after --auroc_steps steps (variant normal) from `seed`: ours (batched augmentation on the
+    device, bf16 autocast where native, channels-last) or the reference (PIL workers, float32, NCHW); the Gaussian
+    fitted on the clean training images as at the end of training."""
+    seed_everything(seed)
+    defaults = training_defaults()
+    amp = False if reference else bf16_supported(device)
+    fmt = torch.contiguous_format if reference else torch.channels_last
+    model = engine.build_model(defaults.head_layer, 2).to(device, memory_format=fmt)
+    opt, sched = run_training.make_optimizer(model, defaults, args.auroc_steps)
+    if reference:
+        batches = (reference_batch(clean, aug, device)
+                   for clean, aug in reference_loader(images_u8, args.batch_size, args.auroc_steps, args.ref_workers))
+    else:
+        gen = make_generator(device, seed)
+        batches = (make_batch(images_u8, "normal", args.batch_size, gen) for _ in range(args.auroc_steps))
+    name = "reference" if reference else "ours"
+    for x, y in tqdm(batches, total=args.auroc_steps, desc=f"{name}, seed {seed}"):
+        run_training.train_step(model, opt, sched, x.contiguous(memory_format=fmt), y, device, amp)
+    train_emb = engine.embed_images(model, images_u8, device, amp, not reference)
+    test_emb = engine.embed_images(model, test_set.images, device, amp, not reference)
+    _, scores = engine.fit_and_score(train_emb, test_emb)
+    return engine.image_auroc(test_set.labels, scores)
+
+
+def auroc_rows(args, images_u8, device) -> dict:
+    """--auroc_steps: ours and the reference trained from the same seeds, their test image AUROCs and means."""
+    if args.data_dir is None:
+        raise CutPasteError("--auroc_steps needs --data_dir (the category's test set scores the models)")
+    seeds = [int(s) for s in args.auroc_seeds.split(",") if s.strip()]
+    test_set = dataset.MVTecTest(args.data_dir, args.type, args.size, args.workers)
+    rows, means = {}, {}
+    for name, reference in (("ours", False), ("reference", True)):
+        scores = [trained_auroc(args, images_u8, test_set, device, reference, seed) for seed in seeds]
+        rows.update({f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}": score
+                     for seed, score in zip(seeds, scores)})
+        means[name] = rows[f"{name}: mean image AUROC over seeds {args.auroc_seeds}"] = statistics.mean(scores)
+    rows["AUROC difference (ours - reference)"] = means["ours"] - means["reference"]
+    return rows
 
 
 def make_eval_checkpoint(args, model_dir: Path, device, amp: bool) -> Path:
@@ -199,7 +266,7 @@ def bench_eval(args, device, amp: bool) -> dict:
 def bench_reference_eval(args, device) -> dict:
     """Reference evaluation, as the earlier reimplementation evaluates: per-image PIL loading in a DataLoader (no
     workers), float32 NCHW, the clean training images embedded again and scikit-learn's LedoitWolf refitted."""
-    model = engine.build_model(1, 2).to(device).eval()
+    model = engine.build_model(training_defaults().head_layer, 2).to(device).eval()
     tf = T.Compose([T.Resize((args.size, args.size)), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
 
     class Files(Dataset):
@@ -248,6 +315,25 @@ def report(args, device, amp, rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timing_rows(args, images, device, amp: bool) -> dict:
+    """Throughput of ours (default and fp32 NCHW, compiled if asked) and the reference; evaluation time."""
+    rows = {f"ours: {k}": v for k, v in bench_ours(args, images, device, amp, True, False).items()}
+    rows.update({f"ours fp32 NCHW: {k}": v for k, v in bench_ours(args, images, device, False, False, False).items()})
+    if args.compile:
+        rows.update({f"ours compiled: {k}": v for k, v in bench_ours(args, images, device, amp, True, True).items()})
+    if args.reference:
+        rows.update({f"reference: {k}": v for k, v in bench_reference(args, images, device).items()})
+        rows["speed-up end-to-end (ours / reference)"] = \
+            rows["ours: end-to-end img/s"] / rows["reference: end-to-end img/s"]
+    if args.data_dir is not None:
+        rows.update({f"ours: {k}": v for k, v in bench_eval(args, device, amp).items()})
+        if args.reference:
+            rows["reference: eval s"] = bench_reference_eval(args, device)["eval s"]
+            rows["speed-up eval in-process (reference / ours)"] = \
+                rows["reference: eval s"] / rows["ours: eval in-process s"]
+    return rows
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -255,19 +341,9 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     amp = bf16_supported(device)
     images = load_images(args, device)
-    rows = {f"ours: {k}": v for k, v in bench_ours(args, images, device, amp, True, False).items()}
-    rows.update({f"ours fp32 NCHW: {k}": v for k, v in bench_ours(args, images, device, False, False, False).items()})
-    if args.compile:
-        rows.update({f"ours compiled: {k}": v for k, v in bench_ours(args, images, device, amp, True, True).items()})
-    if args.reference:
-        rows.update({f"reference: {k}": v for k, v in bench_reference(args, images, device).items()})
-        rows["speed-up end-to-end (ours / reference)"] = rows["ours: end-to-end img/s"] / rows["reference: end-to-end img/s"]
-    if args.data_dir is not None:
-        rows.update({f"ours: {k}": v for k, v in bench_eval(args, device, amp).items()})
-        if args.reference:
-            rows["reference: eval s"] = bench_reference_eval(args, device)["eval s"]
-            rows["speed-up eval in-process (reference / ours)"] = \
-                rows["reference: eval s"] / rows["ours: eval in-process s"]
+    rows = timing_rows(args, images, device, amp) if args.timing else {}
+    if args.auroc_steps > 0:
+        rows.update(auroc_rows(args, images, device))
     rows.update(peak_memory(device))
     text = report(args, device, amp, rows)
     print(text)

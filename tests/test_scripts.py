@@ -164,3 +164,17 @@ def test_benchmark_smoke(tmp_path, mvtec_root):
                 "speed-up eval in-process (reference / ours)", "peak RSS MiB"):
         assert rows[key] > 0, key
     assert "| ours: model step img/s |" in (tmp_path / "bench.md").read_text()
+
+
+def test_benchmark_auroc_comparison(mvtec_root):
+    import benchmark
+    args = ["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4", "--no-timing",
+            "--auroc_steps", "2", "--auroc_seeds", "0,1", "--ref_workers", "0", "--workers", "0"]
+    rows = benchmark.main(args)
+    assert not any("img/s" in key for key in rows), "--no-timing measures no throughput"
+    for name in ("ours", "reference"):
+        scores = [rows[f"{name}: image AUROC after 2 steps, seed {seed}"] for seed in (0, 1)]
+        assert all(0 <= score <= 1 for score in scores)
+        assert rows[f"{name}: mean image AUROC over seeds 0,1"] == pytest.approx(sum(scores) / 2)
+    again = benchmark.main(args)
+    assert again["ours: image AUROC after 2 steps, seed 0"] == rows["ours: image AUROC after 2 steps, seed 0"]
