@@ -54,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also measure the reference pipeline (per-image PIL, float32, NCHW)")
     p.add_argument("--ref_workers", type=int, default=REFERENCE_WORKERS,
                    help="DataLoader workers of the reference pipeline (the earlier reimplementation's default)")
+    p.add_argument("--eval_repeats", type=int, default=3,
+                   help="evaluation timings (ours, the eval.py command, the reference) are medians of this many runs")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure the model step under torch.compile")
     p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
@@ -241,26 +243,36 @@ def make_eval_checkpoint(args, model_dir: Path, device, amp: bool) -> Path:
     return path
 
 
+def run_command(cmd: list[str]) -> float:
+    """Wall-clock seconds of a command; an error names it."""
+    start = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CutPasteError(f"{' '.join(cmd[1:3])} failed in the benchmark: {res.stderr.strip()[-500:]}")
+    return time.perf_counter() - start
+
+
+def median_of(fn, repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
 def bench_eval(args, device, amp: bool) -> dict:
-    """Seconds to evaluate one category from a checkpoint with eval.py: in this process (decode the test images,
-    read the checkpoint, embed, score, AUROC, tables; no plots), and as the whole command a user runs
-    (a fresh Python process with its imports, default plots included)."""
+    """Seconds to evaluate one category from a checkpoint with eval.py (medians of --eval_repeats): in this
+    process (decode the test images, read the checkpoint, embed, score, AUROC, tables; no plots), as the whole
+    command a user runs (a fresh Python process, default plots included), and that command's floor: Python
+    starting, importing torch, torchvision, scikit-learn and the plotting stack, and exiting (eval.py --help)."""
+    script = [sys.executable, str(Path(__file__).with_name("eval.py"))]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "models"
         make_eval_checkpoint(args, model_dir, device, amp)
         flags = ["--data_dir", str(args.data_dir), "--type", args.type, "--model_dir", str(model_dir),
                  "--out_dir", str(Path(tmp) / "Eval"), "--device", str(device), "--workers", str(args.workers)]
-        start = time.perf_counter()
-        eval_script.main([*flags, "--save_plots", "0"])
-        sync(device)
-        in_process = time.perf_counter() - start
-        start = time.perf_counter()
-        res = subprocess.run([sys.executable, str(Path(__file__).with_name("eval.py")), *flags],
-                             capture_output=True, text=True)
-        command = time.perf_counter() - start
-    if res.returncode != 0:
-        raise CutPasteError(f"eval.py failed in the benchmark: {res.stderr.strip()[-500:]}")
-    return {"eval in-process s": in_process, "eval command s (python eval.py, plots on)": command}
+        in_process = median_of(lambda: timed(lambda: eval_script.main([*flags, "--save_plots", "0"]), device, 1, 0),
+                               args.eval_repeats)
+        command = median_of(lambda: run_command([*script, *flags]), args.eval_repeats)
+    floor = median_of(lambda: run_command([*script, "--help"]), args.eval_repeats)
+    return {"eval in-process s": in_process, "eval command s (python eval.py, plots on)": command,
+            "eval command floor s (python eval.py --help)": floor}
 
 
 def bench_reference_eval(args, device) -> dict:
@@ -328,7 +340,8 @@ def timing_rows(args, images, device, amp: bool) -> dict:
     if args.data_dir is not None:
         rows.update({f"ours: {k}": v for k, v in bench_eval(args, device, amp).items()})
         if args.reference:
-            rows["reference: eval s"] = bench_reference_eval(args, device)["eval s"]
+            rows["reference: eval s"] = median_of(lambda: bench_reference_eval(args, device)["eval s"],
+                                                  args.eval_repeats)
             rows["speed-up eval in-process (reference / ours)"] = \
                 rows["reference: eval s"] / rows["ours: eval in-process s"]
     return rows

@@ -158,9 +158,10 @@ def test_benchmark_smoke(tmp_path, mvtec_root):
     import benchmark
     rows = benchmark.main(["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4",
                            "--steps", "1", "--warmup", "1", "--ref_workers", "0", "--workers", "0",
-                           "--out", str(tmp_path / "bench.md")])
+                           "--eval_repeats", "1", "--out", str(tmp_path / "bench.md")])
     for key in ("ours: end-to-end img/s", "ours: pipeline efficiency", "reference: end-to-end img/s",
                 "ours: eval in-process s", "ours: eval command s (python eval.py, plots on)",
+                "ours: eval command floor s (python eval.py --help)",
                 "speed-up eval in-process (reference / ours)", "peak RSS MiB"):
         assert rows[key] > 0, key
     assert "| ours: model step img/s |" in (tmp_path / "bench.md").read_text()
