@@ -319,9 +319,11 @@ def load_images(args, device) -> torch.Tensor:
 def report(args, device, amp, rows: dict) -> str:
     lines = [f"# Benchmark ({device}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads)", "",
-             f"size {args.size}, variant {args.variant}, batch_size {args.batch_size} clean images per step, "
-             f"{args.steps} timed steps after {args.warmup} warm-up; ours with bf16 autocast "
-             f"{'on' if amp else 'off'}", "", "| measurement | value |", "|---|---|"]
+             f"size {args.size}, variant {args.variant if args.timing else 'normal'}, batch_size {args.batch_size} "
+             f"clean images per step, "
+             + (f"{args.steps} timed steps after {args.warmup} warm-up" if args.timing else
+                f"{args.auroc_steps} training steps per AUROC run")
+             + f"; ours with bf16 autocast {'on' if amp else 'off'}", "", "| measurement | value |", "|---|---|"]
     lines += [f"| {name} | {value:.3f} |" if isinstance(value, float) else f"| {name} | {value} |"
               for name, value in rows.items()]
     return "\n".join(lines) + "\n"
