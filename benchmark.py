@@ -194,8 +194,9 @@ def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int)
     fitted on the clean training images as at the end of training."""
     seed_everything(seed)
     defaults = training_defaults()
-    amp = False if reference else bf16_supported(device)
-    fmt = torch.contiguous_format if reference else torch.channels_last
+    defaults.amp = amp = False if reference else bf16_supported(device)
+    defaults.channels_last = not reference
+    fmt = torch.channels_last if defaults.channels_last else torch.contiguous_format
     model = engine.build_model(defaults.head_layer, 2).to(device, memory_format=fmt)
     opt, sched = run_training.make_optimizer(model, defaults, args.auroc_steps)
     if reference:
@@ -207,10 +208,7 @@ def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int)
     name = "reference" if reference else "ours"
     for x, y in tqdm(batches, total=args.auroc_steps, desc=f"{name}, seed {seed}"):
         run_training.train_step(model, opt, sched, x.contiguous(memory_format=fmt), y, device, amp)
-    train_emb = engine.embed_images(model, images_u8, device, amp, not reference)
-    test_emb = engine.embed_images(model, test_set.images, device, amp, not reference)
-    _, scores = engine.fit_and_score(train_emb, test_emb)
-    return engine.image_auroc(test_set.labels, scores)
+    return run_training.test_auroc(model, images_u8, test_set, device, defaults)
 
 
 def auroc_rows(args, images_u8, device) -> dict:
@@ -230,17 +228,14 @@ def auroc_rows(args, images_u8, device) -> dict:
 
 
 def make_eval_checkpoint(args, model_dir: Path, device, amp: bool) -> Path:
-    """A checkpoint of an untrained model, its Gaussian fitted as the end of training fits it (timing only)."""
+    """A checkpoint of an untrained model, written as the end of training writes it (timing only)."""
     train_args = run_training.get_args_parser().parse_args(
         ["--type", args.type, "--size", str(args.size), "--no-pretrained", "--model_dir", str(model_dir)])
-    model = engine.build_model(train_args.head_layer, VARIANT_CLASSES[train_args.variant])
-    model = model.to(device, memory_format=torch.channels_last)
+    train_args.amp = amp
+    model = run_training.prepare_model(train_args, device)
     train = dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers)
-    emb = engine.embed_images(model, train.images, device, amp, True)
-    density, scores = engine.fit_and_score(emb, emb)
-    path = model_dir / f"model-{args.type}-benchmark.tch"
-    engine.save_checkpoint(engine.make_checkpoint(model, train_args, args.type, 0, density, scores), path)
-    return path
+    return run_training.finish_category(train_args, args.type, f"model-{args.type}-benchmark", model,
+                                        train.images.to(device), device, False)
 
 
 def run_command(cmd: list[str]) -> float:

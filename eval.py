@@ -137,11 +137,13 @@ def load_model(args, ckpt: dict, path: Path, device: torch.device):
 
 
 def image_density(args, ckpt: dict, path: Path, model, train_u8: torch.Tensor | None, device: torch.device):
-    """The Gaussian of the clean image embeddings (section 3.3): the checkpoint's, or refit on `train_u8`."""
+    """The Gaussian of the clean image embeddings (section 3.3), the checkpoint's or refit on `train_u8`, and
+    the clean training images' scores (N,) under it, on the CPU."""
     if args.density == CHECKPOINT_DENSITY:
-        return engine.density_from_checkpoint(ckpt, path, device)
+        return engine.density_from_checkpoint(ckpt, path, device), ckpt["train_scores"].float()
     train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
-    return density_lib.make_density(args.density).fit(density_lib.normalize(train_emb))
+    density, train_scores = engine.fit_and_score(train_emb, train_emb, args.density)
+    return density, train_scores.float().cpu()
 
 
 def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch.device) -> dict:
@@ -155,10 +157,9 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     train_u8 = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if needs_train else None
     density = test_emb = None
     if not patch_size:
-        density = image_density(args, ckpt, path, model, train_u8, device)
+        density, _ = image_density(args, ckpt, path, model, train_u8, device)
         test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
         scores = density.score(density_lib.normalize(test_emb))
-        density = density_lib.as_torch(density, device)  # GradCAM differentiates through it
     maps, how = localization.compute_maps(mode, category, model, train_u8, test_set.images, patch_size, args,
                                           device, density)
     if patch_size:
@@ -214,13 +215,9 @@ def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, devic
         train = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if refit else None
         data[size] = (train, dataset.MVTecTest(args.data_dir, category, size, args.workers))
     train_u8, test_set = data[size]
-    density = image_density(args, ckpt, path, model, train_u8, device)
+    density, train_scores = image_density(args, ckpt, path, model, train_u8, device)
     test_emb = engine.embed_images(model, test_set.images, device, args.amp, args.channels_last)
-    test_scores = density.score(density_lib.normalize(test_emb)).float().cpu()
-    if not refit:
-        return ckpt["train_scores"].float(), test_scores, test_set
-    train_emb = engine.embed_images(model, train_u8, device, args.amp, args.channels_last)
-    return density.score(density_lib.normalize(train_emb)).float().cpu(), test_scores, test_set
+    return train_scores, density.score(density_lib.normalize(test_emb)).float().cpu(), test_set
 
 
 def _common(values: list):

@@ -386,19 +386,20 @@ def use_local_density(patch_density: str, category: str) -> bool:
 
 
 def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor | None, test_u8: torch.Tensor,
-                 patch_size: int, args, device: torch.device, density: density_lib.GaussianDensityTorch | None = None):
+                 patch_size: int, args, device: torch.device, density=None):
     """Anomaly maps (N, H, W) of the test images for --localization `mode` (None for 'none'), and what made
     them: {"localization": mode, "patch_density": "local", "shared" or ""}.
 
     Dense scoring fits its patch Gaussians on the clean training images `train_u8`; GradCAM's 'density' target
-    is the image-level Gaussian `density`.
+    is the image-level Gaussian `density` (a torch or sklearn estimator from density.py).
 
     args supplies eval.py's stride, patch_density, cell_stride, density, patch_batch, gradcam_target, amp and
     channels_last."""
     info = {"localization": mode, "patch_density": ""}
     if mode == "gradcam":
         info["gradcam_target"] = args.gradcam_target
-        target = gradcam_target(args.gradcam_target, density)
+        torch_density = None if density is None else density_lib.as_torch(density, device)  # differentiable
+        target = gradcam_target(args.gradcam_target, torch_density)
         return gradcam_maps(model, test_u8, target, device, args.amp, args.channels_last), info
     if mode == "dense":
         local = use_local_density(args.patch_density, category)

@@ -47,3 +47,8 @@ def test_eval_ensemble_of_two_seeds(tmp_path, mvtec_root):
     assert 0 <= table.loc[0, "single_image_auroc_mean"] <= 100
     assert (tmp_path / "Eval" / "models_ensemble" / "lid" / "roc.png").stat().st_size > 1000
     assert frame["image_auroc"].iloc[0] == pytest.approx(table.loc[0, "image_auroc"])
+    # Refitting each member's Gaussian here scores as the Gaussians stored at the end of training do.
+    refit = eval_script.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "models"),
+                              "--out_dir", str(tmp_path / "Refit"), "--workers", "0", "--ensemble", "--density",
+                              "torch", "--save_plots", "0"])
+    assert refit["image_auroc"].iloc[0] == pytest.approx(frame["image_auroc"].iloc[0], abs=1e-3)
