@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="timed steps per measurement (model-only and end-to-end steps alternate; medians are kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the reference pipeline (per-image PIL, float32, NCHW)")
+                   help="also measure the reference pipeline (per-image PIL, float32, NCHW), and train it for --auroc_steps")
     p.add_argument("--ref_workers", type=int, default=REFERENCE_WORKERS,
                    help="DataLoader workers of the reference pipeline (the earlier reimplementation's default)")
     p.add_argument("--eval_repeats", type=int, default=3,
@@ -212,18 +212,20 @@ def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int)
 
 
 def auroc_rows(args, images_u8, device) -> dict:
-    """--auroc_steps: ours and the reference trained from the same seeds, their test image AUROCs and means."""
+    """--auroc_steps: ours and (unless --no-reference) the reference trained from the same seeds, their test image
+    AUROCs and means."""
     if args.data_dir is None:
         raise CutPasteError("--auroc_steps needs --data_dir (the category's test set scores the models)")
     seeds = [int(s) for s in args.auroc_seeds.split(",") if s.strip()]
     test_set = dataset.MVTecTest(args.data_dir, args.type, args.size, args.workers)
     rows, means = {}, {}
-    for name, reference in (("ours", False), ("reference", True)):
+    for name, reference in (("ours", False), ("reference", True))[:2 if args.reference else 1]:
         scores = [trained_auroc(args, images_u8, test_set, device, reference, seed) for seed in seeds]
         rows.update({f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}": score
                      for seed, score in zip(seeds, scores)})
         means[name] = rows[f"{name}: mean image AUROC over seeds {args.auroc_seeds}"] = statistics.mean(scores)
-    rows["AUROC difference (ours - reference)"] = means["ours"] - means["reference"]
+    if args.reference:
+        rows["AUROC difference (ours - reference)"] = means["ours"] - means["reference"]
     return rows
 
 

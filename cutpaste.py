@@ -21,11 +21,17 @@ SCAR_MAX_ANGLE_DEG = 45.0
 # Colour jitter strength for brightness, contrast, saturation and hue, as the earlier
 # PyTorch reimplementation used (torchvision ColorJitter(0.1, 0.1, 0.1, 0.1)).
 COLOR_JITTER = 0.1
+# The jitter's steps, numbered as torchvision's ColorJitter numbers them in its random order.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+JITTER_STEPS = 4
+# Pixels per chunk of the jitter on the CPU: 4 images at 256 px, about 3 MB of float RGB, which
+# stays in the cache of the machine the benchmark ran on (doc/performance.md).
+JITTER_CHUNK_PIXELS = 4 * 256 * 256
 # Output classes per variant: 0 is always the clean image.
 VARIANT_CLASSES = {"normal": 2, "scar": 2, "union": 2, "3way": 3}
 VARIANTS = tuple(VARIANT_CLASSES)
-# ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
+# Greyscale weights of torchvision's rgb_to_grayscale (ITU-R BT.601, red rounded as torchvision does).
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -39,66 +45,147 @@ def _randint(n: int, high, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class JitterParams:
-    """Per-image factors, each of shape (B,): brightness/contrast/saturation multipliers, hue shift in turns."""
+    """Per-image colour jitter, as torchvision's ColorJitter draws it for each image.
+
+    brightness, contrast, saturation: (B,) multipliers; hue: (B,) shift in turns.
+    order: (B, 4) long, the steps (BRIGHTNESS ... HUE) image b takes at stages 0-3.
+    hue_rows: (B,) long, the images sorted by the stage of their hue step, and hue_counts how
+    many shift hue at each stage. Kept as host integers so that applying the jitter reads
+    nothing back from the device.
+    """
     brightness: torch.Tensor
     contrast: torch.Tensor
     saturation: torch.Tensor
     hue: torch.Tensor
+    order: torch.Tensor
+    hue_rows: torch.Tensor
+    hue_counts: tuple
+
+
+def jitter_params(brightness, contrast, saturation, hue, order=None) -> JitterParams:
+    """JitterParams from explicit factors and (B, 4) step orders (default: torchvision's listing order).
+
+    Reads `order` back to the host; sample_jitter builds its parameters without doing so.
+    """
+    n = brightness.shape[0]
+    if order is None:
+        order = torch.arange(JITTER_STEPS, device=brightness.device).expand(n, JITTER_STEPS)
+    hue_stage = (order == HUE).long().argmax(dim=1)
+    counts = torch.bincount(hue_stage, minlength=JITTER_STEPS).tolist()
+    return JitterParams(brightness, contrast, saturation, hue, order,
+                        torch.argsort(hue_stage, stable=True), tuple(counts))
 
 
 def sample_jitter(n: int, gen: torch.Generator, strength: float = COLOR_JITTER) -> JitterParams:
-    """Factors as torchvision's ColorJitter(s, s, s, s) draws them: [1-s, 1+s] and hue in [-s, s]."""
-    return JitterParams(*(_uniform(n, 1 - strength, 1 + strength, gen) for _ in range(3)),
-                        _uniform(n, -strength, strength, gen))
+    """Factors as torchvision's ColorJitter(s, s, s, s) draws them: [1-s, 1+s] and hue in [-s, s].
 
-
-def _luma(like: torch.Tensor) -> torch.Tensor:
-    return like.new_tensor(_LUMA)
-
-
-def _hue_rotation(hue: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 3) RGB matrices rotating the chroma plane of YIQ by 2*pi*hue (greys stay fixed)."""
-    to_yiq = hue.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    angle = 2 * math.pi * hue
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    rot = torch.zeros(hue.shape[0], 3, 3, device=hue.device, dtype=hue.dtype)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
-
-
-def jitter_affine(images: torch.Tensor, p: JitterParams):
-    """The jitter as one colour transform per image: (B, 3, 3) matrices and (B, 3) offsets.
-
-    Brightness (x -> b x), contrast (blend with the grey mean), saturation (blend with the
-    greyscale image) and hue are each linear in x, so their composition is x -> M x + o.
-    Contrast's grey mean is that of the brightness-scaled image, b * mean(gray(x)).
+    The order of the four steps is uniform over the 24 orders for each image, as torchvision's
+    randperm(4). The hue stages are dealt out evenly over the batch (a random permutation cut
+    into four quarters) so that the number of images per hue stage is known without reading the
+    device; the other three steps take the remaining stages in a uniformly random order.
     """
-    b = images.shape[0]
-    luma = _luma(images).float()
-    gray_mean = torch.einsum("c,bchw->b", luma, images.float()) / (images.shape[2] * images.shape[3])
-    eye = torch.eye(3, device=images.device).expand(b, 3, 3)
-    to_gray = torch.ones(3, 1, device=images.device) @ luma.view(1, 3)
-    sat = p.saturation.view(-1, 1, 1)
-    mats = _hue_rotation(p.hue.float()) @ (sat * eye + (1 - sat) * to_gray)
-    mats = mats * (p.contrast * p.brightness).view(-1, 1, 1)
-    # Hue and saturation fix greys, so the contrast offset passes through them unchanged.
-    offset = ((1 - p.contrast) * p.brightness * gray_mean).view(-1, 1).expand(b, 3)
-    return mats, offset
+    factors = [_uniform(n, 1 - strength, 1 + strength, gen) for _ in range(3)]
+    hue = _uniform(n, -strength, strength, gen)
+    dev = gen.device
+    hue_rows = torch.randperm(n, generator=gen, device=dev)
+    dealt = torch.arange(n, device=dev) * JITTER_STEPS // n
+    hue_stage = torch.empty_like(dealt).scatter_(0, hue_rows, dealt)
+    rank = torch.argsort(torch.rand(n, JITTER_STEPS - 1, generator=gen, device=dev), dim=1)
+    stage = torch.cat([rank + (rank >= hue_stage.view(-1, 1)).long(), hue_stage.view(-1, 1)], dim=1)
+    steps = torch.arange(JITTER_STEPS, device=dev).expand(n, JITTER_STEPS)
+    order = torch.empty_like(stage).scatter_(1, stage, steps)
+    dealt_host = [i * JITTER_STEPS // n for i in range(n)]
+    counts = tuple(dealt_host.count(s) for s in range(JITTER_STEPS))
+    return JitterParams(*factors, hue, order, hue_rows, counts)
 
 
-def apply_jitter(images: torch.Tensor, p: JitterParams) -> torch.Tensor:
-    """Brightness, contrast, saturation, then hue, each with its own factor per image.
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) greyscale of (B, 3, H, W) images, as torchvision's rgb_to_grayscale."""
+    return torch.einsum("c,bchw->bhw", images.new_tensor(_LUMA), images).unsqueeze(1)
 
-    Brightness/contrast/saturation follow torchvision's formulas (blend with black, the grey
-    mean, the greyscale image); hue is a rotation of the YIQ chroma plane, a linear stand-in
-    for torchvision's HSV hue shift. All four are fused into one affine colour transform and a
-    single clamp to [0, 1] (torchvision clamps after each step; results differ only where an
-    intermediate step leaves [0, 1]). One batched matrix product instead of a dozen image passes.
+
+def _triangle(k: torch.Tensor) -> torch.Tensor:
+    """HSV-to-RGB's periodic ramp clamp(min(k, 4 - k), 0, 1) of period 6, for k in [0, 12):
+    the two periods written out, as masks and remainders cost more than these passes on the CPU."""
+    return torch.minimum(k, 4 - k).clamp_(0, 1).add_(torch.minimum(k - 6, 10 - k).clamp_(0, 1))
+
+
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's HSV hue by `shift` (n,) turns, keeping saturation and value.
+
+    torchvision's adjust_hue goes RGB -> HSV -> RGB. Value (max) and chroma (max - min) stay, so
+    channel c becomes max - chroma * ramp((n_c + 6 h) mod 6) with n = 5, 3, 1 for red, green,
+    blue: the standard HSV-to-RGB formula, without the six candidate images torchvision stacks.
+    The hue h (in sixths) follows torchvision: the largest channel decides, red before green.
     """
-    mats, offset = jitter_affine(images, p)
-    out = torch.einsum("bij,bjhw->bihw", mats.to(images.dtype), images)
-    return out.add_(offset.to(images.dtype).view(-1, 3, 1, 1)).clamp_(0, 1)
+    r, g, b = images.unbind(dim=1)
+    high = torch.maximum(torch.maximum(r, g), b)
+    chroma = high - torch.minimum(torch.minimum(r, g), b)
+    red = (high == r).to(images.dtype)
+    green = (high == g).to(images.dtype).mul_(1 - red)
+    blue = 1 - red - green
+    # Greys have chroma 0 and numerator 0; the floor on the divisor keeps them at hue 0, not NaN.
+    sextant = (red * (g - b) + green * (b - r) + blue * (r - g)).div_(chroma.clamp(min=torch.finfo(chroma.dtype).tiny))
+    sextant = sextant.add_(green * 2 + blue * 4).add_(6 * shift.view(-1, 1, 1)).remainder_(6)
+    out = torch.empty_like(images)
+    for channel, offset in enumerate((5.0, 3.0, 1.0)):
+        torch.addcmul(high, chroma, _triangle(sextant + offset), value=-1, out=out[:, channel])
+    return out
+
+
+def _blend_stage(images: torch.Tensor, p: JitterParams, stage: int, weights) -> torch.Tensor:
+    """Each image's brightness, contrast or saturation step at `stage` (none may shift hue then):
+    a blend with black, the grey mean, or the greyscale image, clamped to [0, 1], as torchvision's _blend."""
+    step = p.order[:, stage]
+    factor = torch.stack([p.brightness, p.contrast, p.saturation], dim=1).gather(1, step.view(-1, 1))
+    gray = _gray(images)
+    if weights is None:
+        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    else:
+        mean = (gray * weights).sum(dim=(1, 2, 3), keepdim=True) / weights.sum(dim=(1, 2, 3), keepdim=True)
+    step = step.view(-1, 1, 1, 1)
+    target = torch.where(step == SATURATION, gray, torch.where(step == CONTRAST, mean, torch.zeros_like(mean)))
+    return torch.lerp(target.expand_as(images), images, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _rows_per_chunk(images: torch.Tensor, group: int) -> int:
+    """How many images go through the jitter's stages together. On the CPU, a few images at a time
+    stay in cache across the dozen passes of the four steps (about a quarter faster at 256 px);
+    an accelerator takes the whole group, as many small kernel launches would cost more."""
+    if images.device.type != "cpu":
+        return max(group, 1)
+    return max(1, JITTER_CHUNK_PIXELS // (images.shape[2] * images.shape[3]))
+
+
+def _take(p: JitterParams, rows: torch.Tensor) -> JitterParams:
+    """The parameters of `rows` (all with the same hue stage, so hue_rows/hue_counts are not needed)."""
+    return JitterParams(*(getattr(p, f).index_select(0, rows) for f in ("brightness", "contrast", "saturation",
+                                                                        "hue", "order")), rows, ())
+
+
+def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) -> torch.Tensor:
+    """torchvision's ColorJitter on each image (B, 3, H, W) in [0, 1], with that image's factors and order.
+
+    Brightness, contrast and saturation are torchvision's blends, each clamped; hue is its HSV
+    shift. `weights` (B, 1, H, W) of 0/1, when given, restricts contrast's grey mean to the pixels
+    marked 1, as if only those pixels were the image (the packed CutPaste patches). The images are
+    taken in groups that shift hue at the same stage. The result goes to `out` (B, 3, H, W) when
+    given, in whatever memory format it has, else to a new tensor; `images` is never changed.
+    """
+    out = torch.empty_like(images) if out is None else out
+    start = 0
+    for hue_stage, count in enumerate(p.hue_counts):
+        group = p.hue_rows[start:start + count]
+        start += count
+        chunk = _rows_per_chunk(images, count)
+        for first in range(0, count, chunk):
+            rows = group[first:first + chunk]
+            q, x = _take(p, rows), images.index_select(0, rows)
+            w = None if weights is None else weights.index_select(0, rows)
+            for stage in range(JITTER_STEPS):
+                x = _shift_hue(x, q.hue) if stage == hue_stage else _blend_stage(x, q, stage, w)
+            out.index_copy_(0, rows, x)
+    return out
 
 
 @dataclass(frozen=True)
@@ -153,43 +240,88 @@ def sample_scar(n: int, img_h: int, img_w: int, gen: torch.Generator) -> PastePa
     return PasteParams(src_y, src_x, dst_y, dst_x, height, width, angle)
 
 
-def paste_mask_and_source(p: PasteParams, img_h: int, img_w: int):
-    """Which pixels the patch covers, (B, H, W) bool, and the flat source index of each, (B, H, W) long.
+def max_patch_pixels(img_h: int, img_w: int) -> int:
+    """An upper bound on the pixels of any CutPaste or scar box at H x W.
 
-    A destination pixel maps back to the source through the inverse rotation about the patch centre;
-    with angle 0 this is an exact integer shift of an axis-parallel box.
+    A CutPaste box has sides round(sqrt(A a)) and round(sqrt(A / a)) for area A and aspect a, so
+    at most (sqrt(A a) + 1/2) (sqrt(A / a) + 1/2) pixels, largest at the extreme aspect. A static
+    size lets the patches be cut without reading their sizes back from the device.
+    """
+    area = CUTPASTE_AREA_RATIO[1] * img_h * img_w
+    spread = max(math.sqrt(a) + 1 / math.sqrt(a) for a in CUTPASTE_ASPECT_RATIO)
+    cutpaste = math.floor(area + math.sqrt(area) * spread / 2 + 0.25)
+    return min(img_h * img_w, max(cutpaste, SCAR_WIDTH[1] * SCAR_HEIGHT[1]))
+
+
+def _box_corner(p: PasteParams):
+    """Top row and left column of each source box, (B, 1) float (whole numbers)."""
+    return (p.src_y - (p.height - 1) / 2).view(-1, 1), (p.src_x - (p.width - 1) / 2).view(-1, 1)
+
+
+def cut_patches(images: torch.Tensor, p: PasteParams):
+    """Each image's source box, packed row by row into K = max_patch_pixels(H, W) slots.
+
+    Returns pixels (B, 3, 1, K) and weights (B, 1, 1, K), 1 on the box's height * width pixels
+    and 0 on the padding after them. The patch is jittered in this form, about 15 % of the image's
+    pixels at most, and its contrast mean is that of the box alone, as when the earlier
+    reimplementation jittered the cropped patch.
+    """
+    b, c, h, w = images.shape
+    slot = torch.arange(max_patch_pixels(h, w), device=images.device, dtype=torch.float32).view(1, -1)
+    width = p.width.view(-1, 1)
+    row = torch.div(slot, width, rounding_mode="floor")
+    top, left = _box_corner(p)
+    index = ((top + row).clamp(max=h - 1) * w + left + slot - row * width).long()
+    pixels = torch.gather(images.reshape(b, c, h * w), 2, index.unsqueeze(1).expand(b, c, -1))
+    weights = (row < p.height.view(-1, 1)).to(images.dtype)
+    return pixels.unsqueeze(2), weights.view(b, 1, 1, -1)
+
+
+def paste_mask_and_slot(p: PasteParams, img_h: int, img_w: int):
+    """Which pixels the patch covers, (B, H, W) bool, and for each the slot of cut_patches'
+    packing it copies, (B, H, W) long.
+
+    A destination pixel maps back into the source box through the inverse rotation about the
+    patch centre; with angle 0 this is an exact integer shift of an axis-parallel box.
     """
     dev = p.src_y.device
     ys = torch.arange(img_h, device=dev, dtype=torch.float32).view(1, -1, 1)
     xs = torch.arange(img_w, device=dev, dtype=torch.float32).view(1, 1, -1)
+    height, width = p.height.view(-1, 1, 1), p.width.view(-1, 1, 1)
     rel_y = ys - p.dst_y.view(-1, 1, 1)
     rel_x = xs - p.dst_x.view(-1, 1, 1)
     cos, sin = torch.cos(p.angle).view(-1, 1, 1), torch.sin(p.angle).view(-1, 1, 1)
     u = cos * rel_x + sin * rel_y  # patch-frame coordinates (inverse rotation)
     v = -sin * rel_x + cos * rel_y
-    inside = (u.abs() < p.width.view(-1, 1, 1) / 2) & (v.abs() < p.height.view(-1, 1, 1) / 2)
-    src_y = torch.floor(p.src_y.view(-1, 1, 1) + v + 0.5).clamp(0, img_h - 1)
-    src_x = torch.floor(p.src_x.view(-1, 1, 1) + u + 0.5).clamp(0, img_w - 1)
-    return inside, (src_y * img_w + src_x).long()
+    inside = (u.abs() < width / 2) & (v.abs() < height / 2)
+    # Row and column inside the box; clamped so that a rounding error at a rotated edge cannot
+    # read the packing's padding.
+    row = torch.floor(v + height / 2).clamp_(min=0).minimum(height - 1)
+    col = torch.floor(u + width / 2).clamp_(min=0).minimum(width - 1)
+    return inside, (row * width + col).long()
 
 
-def apply_paste(images: torch.Tensor, patch_source: torch.Tensor, p: PasteParams) -> torch.Tensor:
-    """Paste the patch described by `p`, read from `patch_source`, onto a copy of `images`."""
+def apply_paste(images: torch.Tensor, patches: torch.Tensor, p: PasteParams, out=None) -> torch.Tensor:
+    """Paste the patches described by `p` onto a copy of `images` (B, 3, H, W), written to `out` if given.
+
+    patches: (B, 3, 1, K) packed source boxes, as cut_patches returns them (jittered or not).
+    """
     b, c, h, w = images.shape
-    inside, index = paste_mask_and_source(p, h, w)
-    index = index.view(b, 1, h * w).expand(b, c, h * w)
-    patch = torch.gather(patch_source.reshape(b, c, h * w), 2, index).view(b, c, h, w)
-    return torch.where(inside.unsqueeze(1), patch, images)
+    inside, slot = paste_mask_and_slot(p, h, w)
+    slot = slot.view(b, 1, h * w).expand(b, c, h * w)
+    patch = torch.gather(patches.reshape(b, c, -1), 2, slot).view(b, c, h, w)
+    return torch.where(inside.unsqueeze(1), patch, images, out=out)
 
 
 def _select(mask: torch.Tensor, a: PasteParams, b: PasteParams) -> PasteParams:
     return PasteParams(*(torch.where(mask, getattr(a, f), getattr(b, f)) for f in PasteParams.__dataclass_fields__))
 
 
-def cutpaste_views(images: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+def cutpaste_views(images: torch.Tensor, kind: str, gen: torch.Generator, out=None) -> torch.Tensor:
     """One augmented view per image: 'cutpaste', 'scar' or 'union' (each image either, with p = 0.5).
 
-    The patch comes from the same image and gets its own colour jitter (section 3.1).
+    The patch comes from the same image and gets its own colour jitter (section 3.1), computed on
+    the cut patch alone as the earlier reimplementation did.
     """
     n, _, h, w = images.shape
     if kind == "cutpaste":
@@ -201,8 +333,8 @@ def cutpaste_views(images: torch.Tensor, kind: str, gen: torch.Generator) -> tor
         params = _select(use_cp, sample_cutpaste(n, h, w, gen), sample_scar(n, h, w, gen))
     else:
         raise ValueError(f"unknown CutPaste kind {kind!r}")
-    patch_source = apply_jitter(images, sample_jitter(n, gen))
-    return apply_paste(images, patch_source, params)
+    patches, weights = cut_patches(images, params)
+    return apply_paste(images, apply_jitter(patches, sample_jitter(n, gen), weights), params, out)
 
 
 def sample_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -212,31 +344,37 @@ def sample_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tenso
     return torch.randint(n, (batch_size,), generator=gen, device=gen.device)
 
 
-def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator):
+def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator,
+                  memory_format: torch.memory_format = torch.contiguous_format):
     """The variant's self-supervised batch built from clean float images `base` (B, 3, H, W) in [0, 1].
 
-    Returns x (k * B, 3, H, W) and labels (k * B,) long, with k the variant's class count: clean
-    images (0), then CutPaste or union (1), then scar (2 in 3-way, 1 in the scar variant). Colour
-    jitter is applied to the whole image first, as the earlier reimplementation did. The boxes are
-    sampled for H x W, so with patches (section 2.4) CutPaste happens inside each patch.
+    Returns x (k * B, 3, H, W) in `memory_format` and labels (k * B,) long, with k the variant's
+    class count: clean images (0), then CutPaste or union (1), then scar (2 in 3-way, 1 in the scar
+    variant). Colour jitter is applied to the whole image first, as the earlier reimplementation
+    did. The boxes are sampled for H x W, so with patches (section 2.4) CutPaste happens inside
+    each patch. Each view is written straight into its slice of x, already in the model's format.
     """
     if variant not in VARIANT_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    batch_size = base.shape[0]
-    base = apply_jitter(base, sample_jitter(batch_size, gen))
+    b = base.shape[0]
     kinds = {"normal": ["cutpaste"], "scar": ["scar"], "union": ["union"], "3way": ["cutpaste", "scar"]}[variant]
-    views = [base] + [cutpaste_views(base, kind, gen) for kind in kinds]
-    labels = torch.arange(len(views), device=base.device).repeat_interleave(batch_size)
-    return torch.cat(views), labels
+    x = torch.empty((b * (1 + len(kinds)),) + tuple(base.shape[1:]), device=base.device, dtype=base.dtype,
+                    memory_format=memory_format)
+    clean = apply_jitter(base, sample_jitter(b, gen), out=x[:b])
+    for view, kind in enumerate(kinds, start=1):
+        cutpaste_views(clean, kind, gen, out=x[view * b:(view + 1) * b])
+    labels = torch.arange(1 + len(kinds), device=base.device).repeat_interleave(b)
+    return x, labels
 
 
-def make_batch(images_u8: torch.Tensor, variant: str, batch_size: int, gen: torch.Generator):
+def make_batch(images_u8: torch.Tensor, variant: str, batch_size: int, gen: torch.Generator,
+               memory_format: torch.memory_format = torch.contiguous_format):
     """Sample `batch_size` training images and build the variant's self-supervised batch (see augment_batch).
 
     images_u8: (N, 3, H, W) uint8 on the generator's device.
-    Returns x (k * batch_size, 3, H, W) float in [0, 1] and labels (k * batch_size,) long.
+    Returns x (k * batch_size, 3, H, W) float in [0, 1], in `memory_format`, and labels (k * batch_size,) long.
     """
     if variant not in VARIANT_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     idx = sample_indices(images_u8.shape[0], batch_size, gen)
-    return augment_batch(images_u8[idx].float().div_(255), variant, gen)
+    return augment_batch(images_u8[idx].float().div_(255), variant, gen, memory_format)
