@@ -3,6 +3,7 @@
 Nothing here runs at import time.
 """
 import contextlib
+import ctypes
 import os
 import socket
 import subprocess
@@ -19,6 +20,12 @@ CHECKPOINT_FORMAT = 1
 # How long a weights download may stall before we give up with a clear message
 # instead of hanging on a machine without network.
 DOWNLOAD_TIMEOUT_S = 20.0
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+MALLOC_TRIM_THRESHOLD = 1 << 30
+MALLOC_TOP_PAD = 64 << 20
 
 
 class CutPasteError(Exception):
@@ -61,6 +68,22 @@ def autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large CPU tensors from its heap and keep freed memory for reuse.
+
+    By default glibc maps fresh pages for every allocation over its mmap threshold and unmaps them
+    on free, so each training step faults in its activations page by page again. Without mmap and
+    with a high trim threshold the pages stay mapped: the CPU training step ran about 15 % faster on
+    the benchmark machine, for about 0.5 GB more resident memory (doc/performance.md). Returns
+    False, changing nothing, where the C library has no mallopt (not glibc).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD), (_M_TOP_PAD, MALLOC_TOP_PAD))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def seed_everything(seed: int) -> None:

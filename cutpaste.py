@@ -344,22 +344,20 @@ def sample_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tenso
     return torch.randint(n, (batch_size,), generator=gen, device=gen.device)
 
 
-def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator,
-                  memory_format: torch.memory_format = torch.contiguous_format):
+def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator):
     """The variant's self-supervised batch built from clean float images `base` (B, 3, H, W) in [0, 1].
 
-    Returns x (k * B, 3, H, W) in `memory_format` and labels (k * B,) long, with k the variant's
-    class count: clean images (0), then CutPaste or union (1), then scar (2 in 3-way, 1 in the scar
-    variant). Colour jitter is applied to the whole image first, as the earlier reimplementation
-    did. The boxes are sampled for H x W, so with patches (section 2.4) CutPaste happens inside
-    each patch. Each view is written straight into its slice of x, already in the model's format.
+    Returns x (k * B, 3, H, W) and labels (k * B,) long, with k the variant's class count: clean
+    images (0), then CutPaste or union (1), then scar (2 in 3-way, 1 in the scar variant). Colour
+    jitter is applied to the whole image first, as the earlier reimplementation did. The boxes are
+    sampled for H x W, so with patches (section 2.4) CutPaste happens inside each patch. Each view
+    is written straight into its slice of x.
     """
     if variant not in VARIANT_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     b = base.shape[0]
     kinds = {"normal": ["cutpaste"], "scar": ["scar"], "union": ["union"], "3way": ["cutpaste", "scar"]}[variant]
-    x = torch.empty((b * (1 + len(kinds)),) + tuple(base.shape[1:]), device=base.device, dtype=base.dtype,
-                    memory_format=memory_format)
+    x = base.new_empty((b * (1 + len(kinds)),) + tuple(base.shape[1:]))
     clean = apply_jitter(base, sample_jitter(b, gen), out=x[:b])
     for view, kind in enumerate(kinds, start=1):
         cutpaste_views(clean, kind, gen, out=x[view * b:(view + 1) * b])
@@ -367,14 +365,13 @@ def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator,
     return x, labels
 
 
-def make_batch(images_u8: torch.Tensor, variant: str, batch_size: int, gen: torch.Generator,
-               memory_format: torch.memory_format = torch.contiguous_format):
+def make_batch(images_u8: torch.Tensor, variant: str, batch_size: int, gen: torch.Generator):
     """Sample `batch_size` training images and build the variant's self-supervised batch (see augment_batch).
 
     images_u8: (N, 3, H, W) uint8 on the generator's device.
-    Returns x (k * batch_size, 3, H, W) float in [0, 1], in `memory_format`, and labels (k * batch_size,) long.
+    Returns x (k * batch_size, 3, H, W) float in [0, 1] and labels (k * batch_size,) long.
     """
     if variant not in VARIANT_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     idx = sample_indices(images_u8.shape[0], batch_size, gen)
-    return augment_batch(images_u8[idx].float().div_(255), variant, gen, memory_format)
+    return augment_batch(images_u8[idx].float().div_(255), variant, gen)

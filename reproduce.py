@@ -44,7 +44,7 @@ PRESETS = {
 KEY = ("category", "variant", "seed", "backbone", "pretrained", "steps", "size")
 # Training options that may differ between runs sharing a folder (where and how, not what is learned).
 RUNTIME_OPTIONS = ("data_dir", "type", "model_dir", "log_dir", "device", "cuda", "workers", "amp",
-                   "channels_last", "compile", "log_every", "test_epochs")
+                   "channels_last", "compile", "keep_freed_memory", "log_every", "test_epochs")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

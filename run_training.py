@@ -21,8 +21,8 @@ import engine
 import records
 import runstate
 import localization
-from common import (CutPasteError, bf16_supported, make_generator, resolve_device, run_main,
-                    seed_everything)
+from common import (CutPasteError, bf16_supported, keep_freed_memory, make_generator, resolve_device,
+                    run_main, seed_everything)
 from cutpaste import VARIANT_CLASSES, VARIANTS, make_batch
 from model import DEFAULT_ARCH, backbone_names
 
@@ -79,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="channels-last memory format (faster convolutions on CPU and CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="wrap the training model in torch.compile")
+    p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, have glibc's malloc keep freed memory for the next step instead of mapping "
+                        "fresh pages (about 15%% faster steps, about 0.5 GB more memory; default: on)")
     p.add_argument("--log_every", type=int, default=32,
                    help="steps between reads of the loss from the device (tensorboard still gets every step)")
     p.add_argument("--save_every", type=int, default=256,
@@ -327,6 +330,8 @@ def main(argv=None):
             args.amp = bf16_supported(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if device.type == "cpu" and args.keep_freed_memory:
+            keep_freed_memory()
         categories = dataset.resolve_categories(args.data_dir, args.type)
         rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""
         print(f"{rank}training {', '.join(distributed.shard(categories, world)) or 'nothing'} on {device} "

@@ -1,6 +1,10 @@
 import os
+import platform
 import stat
+import subprocess
+import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +78,25 @@ def test_atomic_save_gives_the_mode_of_a_plain_file(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ckpt.tch").stat().st_mode) == 0o644, "not mkstemp's 0600"
+
+
+_RSS_KEPT_SCRIPT = """
+import os, torch, common
+def kept_after_free():
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+    before = rss()
+    x = torch.ones(64 << 20, dtype=torch.uint8)
+    del x
+    return rss() - before
+print(kept_after_free() < 16 << 20, common.keep_freed_memory(), kept_after_free() > 48 << 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(),
+                    reason="mallopt and /proc are glibc's and Linux's")
+def test_keep_freed_memory_keeps_the_pages_of_a_freed_tensor():
+    """By default a freed 64 MB tensor goes back to the OS; after keep_freed_memory its pages stay for reuse."""
+    out = subprocess.run([sys.executable, "-c", _RSS_KEPT_SCRIPT], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "True"]
