@@ -79,8 +79,9 @@ def keep_freed_memory() -> bool:
     the benchmark machine, for about 0.5 GB more resident memory (doc/performance.md). Returns
     False, changing nothing, where the C library has no mallopt (not glibc).
     """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):  # no process-wide C library handle, or no mallopt in it
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD), (_M_TOP_PAD, MALLOC_TOP_PAD))
     return all(mallopt(param, value) == 1 for param, value in settings)
