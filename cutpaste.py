@@ -133,11 +133,11 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _blend_stage(images: torch.Tensor, p: JitterParams, stage: int, weights) -> torch.Tensor:
-    """Each image's brightness, contrast or saturation step at `stage` (none may shift hue then):
-    a blend with black, the grey mean, or the greyscale image, clamped to [0, 1], as torchvision's _blend."""
-    step = p.order[:, stage]
-    factor = torch.stack([p.brightness, p.contrast, p.saturation], dim=1).gather(1, step.view(-1, 1))
+def _blend_stage(images: torch.Tensor, step: torch.Tensor, factors: torch.Tensor, weights) -> torch.Tensor:
+    """Each image's brightness, contrast or saturation step (`step` (n,), none HUE), with its (n, 3)
+    `factors` in that order: a blend with black, the grey mean, or the greyscale image, clamped to
+    [0, 1], as torchvision's _blend."""
+    factor = factors.gather(1, step.view(-1, 1)).view(-1, 1, 1, 1)
     gray = _gray(images)
     if weights is None:
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
@@ -145,7 +145,7 @@ def _blend_stage(images: torch.Tensor, p: JitterParams, stage: int, weights) -> 
         mean = (gray * weights).sum(dim=(1, 2, 3), keepdim=True) / weights.sum(dim=(1, 2, 3), keepdim=True)
     step = step.view(-1, 1, 1, 1)
     target = torch.where(step == SATURATION, gray, torch.where(step == CONTRAST, mean, torch.zeros_like(mean)))
-    return torch.lerp(target.expand_as(images), images, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+    return torch.lerp(target.expand_as(images), images, factor).clamp_(0, 1)
 
 
 def _rows_per_chunk(images: torch.Tensor, group: int) -> int:
@@ -155,12 +155,6 @@ def _rows_per_chunk(images: torch.Tensor, group: int) -> int:
     if images.device.type != "cpu":
         return max(group, 1)
     return max(1, JITTER_CHUNK_PIXELS // (images.shape[2] * images.shape[3]))
-
-
-def _take(p: JitterParams, rows: torch.Tensor) -> JitterParams:
-    """The parameters of `rows` (all with the same hue stage, so hue_rows/hue_counts are not needed)."""
-    return JitterParams(*(getattr(p, f).index_select(0, rows) for f in ("brightness", "contrast", "saturation",
-                                                                        "hue", "order")), rows, ())
 
 
 def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) -> torch.Tensor:
@@ -173,6 +167,7 @@ def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) 
     given, in whatever memory format it has, else to a new tensor; `images` is never changed.
     """
     out = torch.empty_like(images) if out is None else out
+    factors = torch.stack([p.brightness, p.contrast, p.saturation], dim=1)
     start = 0
     for hue_stage, count in enumerate(p.hue_counts):
         group = p.hue_rows[start:start + count]
@@ -180,10 +175,13 @@ def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) 
         chunk = _rows_per_chunk(images, count)
         for first in range(0, count, chunk):
             rows = group[first:first + chunk]
-            q, x = _take(p, rows), images.index_select(0, rows)
+            x, order, f = images.index_select(0, rows), p.order.index_select(0, rows), factors.index_select(0, rows)
             w = None if weights is None else weights.index_select(0, rows)
             for stage in range(JITTER_STEPS):
-                x = _shift_hue(x, q.hue) if stage == hue_stage else _blend_stage(x, q, stage, w)
+                if stage == hue_stage:
+                    x = _shift_hue(x, p.hue.index_select(0, rows))
+                else:
+                    x = _blend_stage(x, order[:, stage], f, w)
             out.index_copy_(0, rows, x)
     return out
 
