@@ -179,3 +179,18 @@ def test_benchmark_auroc_comparison(mvtec_root):
         assert rows[f"{name}: mean image AUROC over seeds 0,1"] == pytest.approx(sum(scores) / 2)
     again = benchmark.main(args)
     assert again["ours: image AUROC after 2 steps, seed 0"] == rows["ours: image AUROC after 2 steps, seed 0"]
+    assert "paired differences: sd" in rows, "two paired seeds get their spread"
+
+
+def test_paired_difference_known_case():
+    import benchmark
+    # differences 0.1, 0, -0.1: mean 0, sd 0.1, so the 95 % interval is +-t(0.975, 2) * 0.1 / sqrt(3).
+    rows = benchmark.paired_difference([0.9, 0.8, 0.7], [0.8, 0.8, 0.8])
+    assert rows["paired differences: sd"] == pytest.approx(0.1)
+    assert rows["paired t statistic"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["paired t-test p-value"] == pytest.approx(1.0)
+    assert rows["paired differences: seeds where ours >= reference"] == "2 of 3"
+    half = 4.302652729911275 * 0.1 / 3 ** 0.5
+    assert rows["mean difference, 95% interval"] == f"[{-half:.4f}, {half:.4f}]"
+    assert benchmark.paired_difference([0.9], [0.8]) == {}, "one seed has no spread"
+    assert "paired t statistic" not in benchmark.paired_difference([0.9, 0.8], [0.8, 0.7]), "no spread, no test"
