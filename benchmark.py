@@ -73,6 +73,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--auroc_steps", type=int, default=0,
                    help="also train ours and the reference this many steps (variant normal, run_training.py's "
                         "defaults) from each --auroc_seeds seed and report both test image AUROCs; 0 skips")
+    p.add_argument("--reference_our_step", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --auroc_steps, also train the reference's augmentation with our step (bf16 autocast "
+                        "where native, channels-last) from the same seeds and batches, to tell the augmentation's "
+                        "effect on the AUROC from the step's")
     p.add_argument("--auroc_seeds", type=str, default="0", help="comma-separated seeds of the --auroc_steps runs")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images")
@@ -198,14 +202,16 @@ def training_defaults() -> argparse.Namespace:
     return run_training.get_args_parser().parse_args([])
 
 
-def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int) -> float:
-    """Test image AUROC after --auroc_steps steps (variant normal) from `seed`: ours (batched augmentation on the
-    device, bf16 autocast where native, channels-last) or the reference (PIL workers, float32, NCHW); the Gaussian
-    fitted on the clean training images as at the end of training."""
+def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int, our_step: bool) -> float:
+    """Test image AUROC after --auroc_steps steps (variant normal) from `seed`, the Gaussian fitted on the clean
+    training images as at the end of training. The augmentation is ours (batched on the device) or, with
+    `reference`, the reference's (PIL workers); the step is ours (bf16 autocast where native, channels-last) with
+    `our_step`, else the reference's (float32, NCHW). The same seed gives the same initial weights, and the same
+    batches for the same augmentation."""
     seed_everything(seed)
     defaults = training_defaults()
-    defaults.amp = amp = False if reference else bf16_supported(device)
-    defaults.channels_last = not reference
+    defaults.amp = amp = our_step and bf16_supported(device)
+    defaults.channels_last = our_step
     fmt = torch.channels_last if defaults.channels_last else torch.contiguous_format
     model = engine.build_model(defaults.head_layer, 2).to(device, memory_format=fmt)
     opt, sched = run_training.make_optimizer(model, defaults, args.auroc_steps)
@@ -215,22 +221,24 @@ def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int)
     else:
         gen = make_generator(device, seed)
         batches = (make_batch(images_u8, "normal", args.batch_size, gen) for _ in range(args.auroc_steps))
-    name = "reference" if reference else "ours"
+    name = ("reference" if reference else "ours") + (" augmentation with our step" if reference and our_step else "")
     for x, y in tqdm(batches, total=args.auroc_steps, desc=f"{name}, seed {seed}"):
         run_training.train_step(model, opt, sched, x.contiguous(memory_format=fmt), y, device, amp)
     return run_training.test_auroc(model, images_u8, test_set, device, defaults)
 
 
 def auroc_rows(args, images_u8, device) -> dict:
-    """--auroc_steps: ours and (unless --no-reference) the reference trained from the same seeds, their test image
-    AUROCs and means."""
+    """--auroc_steps: ours and (unless --no-reference) the reference, and with --reference_our_step the reference's
+    augmentation with our step, trained from the same seeds; their test image AUROCs and means."""
     if args.data_dir is None:
         raise CutPasteError("--auroc_steps needs --data_dir (the category's test set scores the models)")
     seeds = [int(s) for s in args.auroc_seeds.split(",") if s.strip()]
     test_set = dataset.MVTecTest(args.data_dir, args.type, args.size, args.workers)
     rows, means = {}, {}
-    for name, reference in (("ours", False), ("reference", True))[:2 if args.reference else 1]:
-        scores = [trained_auroc(args, images_u8, test_set, device, reference, seed) for seed in seeds]
+    pipelines = [("ours", False, True)] + [("reference", True, False)] * args.reference
+    pipelines += [("reference augmentation, our step", True, True)] * (args.reference and args.reference_our_step)
+    for name, reference, our_step in pipelines:
+        scores = [trained_auroc(args, images_u8, test_set, device, reference, seed, our_step) for seed in seeds]
         rows.update({f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}": score
                      for seed, score in zip(seeds, scores)})
         means[name] = rows[f"{name}: mean image AUROC over seeds {args.auroc_seeds}"] = statistics.mean(scores)
@@ -239,6 +247,9 @@ def auroc_rows(args, images_u8, device) -> dict:
         rows.update(paired_difference(*(
             [rows[f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}"] for seed in seeds]
             for name in ("ours", "reference"))))
+    if "reference augmentation, our step" in means:
+        rows["AUROC difference (reference augmentation with our step - reference)"] = \
+            means["reference augmentation, our step"] - means["reference"]
     return rows
 
 

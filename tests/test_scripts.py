@@ -170,10 +170,11 @@ def test_benchmark_smoke(tmp_path, mvtec_root):
 def test_benchmark_auroc_comparison(mvtec_root):
     import benchmark
     args = ["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4", "--no-timing",
-            "--auroc_steps", "2", "--auroc_seeds", "0,1", "--ref_workers", "0", "--workers", "0"]
+            "--auroc_steps", "2", "--auroc_seeds", "0,1", "--ref_workers", "0", "--workers", "0",
+            "--reference_our_step"]
     rows = benchmark.main(args)
     assert not any("img/s" in key for key in rows), "--no-timing measures no throughput"
-    for name in ("ours", "reference"):
+    for name in ("ours", "reference", "reference augmentation, our step"):
         scores = [rows[f"{name}: image AUROC after 2 steps, seed {seed}"] for seed in (0, 1)]
         assert all(0 <= score <= 1 for score in scores)
         assert rows[f"{name}: mean image AUROC over seeds 0,1"] == pytest.approx(sum(scores) / 2)
