@@ -242,31 +242,33 @@ def auroc_rows(args, images_u8, device) -> dict:
         rows.update({f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}": score
                      for seed, score in zip(seeds, scores)})
         means[name] = rows[f"{name}: mean image AUROC over seeds {args.auroc_seeds}"] = statistics.mean(scores)
-    if args.reference:
-        rows["AUROC difference (ours - reference)"] = means["ours"] - means["reference"]
-        rows.update(paired_difference(*(
-            [rows[f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}"] for seed in seeds]
-            for name in ("ours", "reference"))))
-    if "reference augmentation, our step" in means:
-        rows["AUROC difference (reference augmentation with our step - reference)"] = \
-            means["reference augmentation, our step"] - means["reference"]
+    # ours against the reference, and the split of that gap: the step alone (on the reference's own batches)
+    # and the augmentation alone (with our step on both sides)
+    for a, b in (("ours", "reference"), ("reference augmentation, our step", "reference"),
+                 ("ours", "reference augmentation, our step")):
+        if a in means and b in means:
+            rows[f"AUROC difference ({a} - {b})"] = means[a] - means[b]
+            rows.update(paired_difference(*([rows[f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}"]
+                                             for seed in seeds] for name in (a, b)), label=f"{a} - {b}"))
     return rows
 
 
-def paired_difference(ours: list[float], reference: list[float]) -> dict:
-    """Seed-paired AUROC differences (ours - reference): their spread, a paired t-test and its 95 % interval
-    for the mean difference. Seed-to-seed spread is large at few steps, so one mean alone says little."""
-    if len(ours) < 2:
+def paired_difference(first: list[float], second: list[float], label: str = "ours - reference") -> dict:
+    """Seed-paired AUROC differences (first - second): their spread, a paired t-test and its 95 % interval for the
+    mean difference, as rows named after `label`. Seed-to-seed spread is large at few steps, so one mean alone says
+    little."""
+    if len(first) < 2:
         return {}
-    diffs = [a - b for a, b in zip(ours, reference)]
-    rows = {"paired differences: sd": statistics.stdev(diffs),
-            "paired differences: seeds where ours >= reference": f"{sum(d >= 0 for d in diffs)} of {len(diffs)}"}
-    if rows["paired differences: sd"] < PAIRED_MIN_SD:  # equal differences: a t-test has no spread to use
+    diffs = [a - b for a, b in zip(first, second)]
+    rows = {f"{label}: sd of the paired differences": statistics.stdev(diffs),
+            f"{label}: seeds with a difference >= 0": f"{sum(d >= 0 for d in diffs)} of {len(diffs)}"}
+    if rows[f"{label}: sd of the paired differences"] < PAIRED_MIN_SD:  # a t-test has no spread to use
         return rows
-    test = stats.ttest_rel(ours, reference)
+    test = stats.ttest_rel(first, second)
     low, high = test.confidence_interval(PAIRED_CONFIDENCE)
-    return {**rows, "paired t statistic": float(test.statistic), "paired t-test p-value": float(test.pvalue),
-            f"mean difference, {PAIRED_CONFIDENCE:.0%} interval": f"[{low:.4f}, {high:.4f}]"}
+    return {**rows, f"{label}: paired t statistic": float(test.statistic),
+            f"{label}: paired t-test p-value": float(test.pvalue),
+            f"{label}: mean difference, {PAIRED_CONFIDENCE:.0%} interval": f"[{low:.4f}, {high:.4f}]"}
 
 
 def make_eval_checkpoint(args, model_dir: Path, device, amp: bool) -> Path:

@@ -180,18 +180,26 @@ def test_benchmark_auroc_comparison(mvtec_root):
         assert rows[f"{name}: mean image AUROC over seeds 0,1"] == pytest.approx(sum(scores) / 2)
     again = benchmark.main(args)
     assert again["ours: image AUROC after 2 steps, seed 0"] == rows["ours: image AUROC after 2 steps, seed 0"]
-    assert "paired differences: sd" in rows, "two paired seeds get their spread"
+    for label in ("ours - reference", "reference augmentation, our step - reference",
+                  "ours - reference augmentation, our step"):
+        assert f"{label}: sd of the paired differences" in rows, "two paired seeds get their spread"
 
 
 def test_paired_difference_known_case():
     import benchmark
     # differences 0.1, 0, -0.1: mean 0, sd 0.1, so the 95 % interval is +-t(0.975, 2) * 0.1 / sqrt(3).
-    rows = benchmark.paired_difference([0.9, 0.8, 0.7], [0.8, 0.8, 0.8])
-    assert rows["paired differences: sd"] == pytest.approx(0.1)
-    assert rows["paired t statistic"] == pytest.approx(0.0, abs=1e-9)
-    assert rows["paired t-test p-value"] == pytest.approx(1.0)
-    assert rows["paired differences: seeds where ours >= reference"] == "2 of 3"
+    rows = benchmark.paired_difference([0.9, 0.8, 0.7], [0.8, 0.8, 0.8], label="a - b")
+    assert rows["a - b: sd of the paired differences"] == pytest.approx(0.1)
+    assert rows["a - b: paired t statistic"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["a - b: paired t-test p-value"] == pytest.approx(1.0)
+    assert rows["a - b: seeds with a difference >= 0"] == "2 of 3"
     half = 4.302652729911275 * 0.1 / 3 ** 0.5
-    assert rows["mean difference, 95% interval"] == f"[{-half:.4f}, {half:.4f}]"
+    assert rows["a - b: mean difference, 95% interval"] == f"[{-half:.4f}, {half:.4f}]"
+    shifted = benchmark.paired_difference([0.9, 0.8, 0.7], [0.7, 0.7, 0.7], label="a - b")
+    # differences 0.2, 0.1, 0: t = 0.1 / (0.1 / sqrt(3)); with 2 degrees of freedom p = 1 - t / sqrt(2 + t^2)
+    t = 3 ** 0.5
+    assert shifted["a - b: paired t statistic"] == pytest.approx(t)
+    assert shifted["a - b: paired t-test p-value"] == pytest.approx(1 - t / (2 + t * t) ** 0.5)
     assert benchmark.paired_difference([0.9], [0.8]) == {}, "one seed has no spread"
-    assert "paired t statistic" not in benchmark.paired_difference([0.9, 0.8], [0.8, 0.7]), "no spread, no test"
+    assert "ours - reference: paired t statistic" not in benchmark.paired_difference([0.9, 0.8], [0.8, 0.7]), \
+        "no spread, no test"
