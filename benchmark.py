@@ -202,12 +202,12 @@ def training_defaults() -> argparse.Namespace:
     return run_training.get_args_parser().parse_args([])
 
 
-def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int, our_step: bool) -> float:
-    """Test image AUROC after --auroc_steps steps (variant normal) from `seed`, the Gaussian fitted on the clean
-    training images as at the end of training. The augmentation is ours (batched on the device) or, with
-    `reference`, the reference's (PIL workers); the step is ours (bf16 autocast where native, channels-last) with
-    `our_step`, else the reference's (float32, NCHW). The same seed gives the same initial weights, and the same
-    batches for the same augmentation."""
+def trained_auroc(args, images_u8, test_set, device, seed: int, name: str, reference: bool, our_step: bool) -> float:
+    """Test image AUROC of pipeline `name` after --auroc_steps steps (variant normal) from `seed`, the Gaussian
+    fitted on the clean training images as at the end of training. The augmentation is ours (batched on the device)
+    or, with `reference`, the reference's (PIL workers); the step is ours (bf16 autocast where native,
+    channels-last) with `our_step`, else the reference's (float32, NCHW). The same seed gives the same initial
+    weights, and the same batches for the same augmentation."""
     seed_everything(seed)
     defaults = training_defaults()
     defaults.amp = amp = our_step and bf16_supported(device)
@@ -221,7 +221,6 @@ def trained_auroc(args, images_u8, test_set, device, reference: bool, seed: int,
     else:
         gen = make_generator(device, seed)
         batches = (make_batch(images_u8, "normal", args.batch_size, gen) for _ in range(args.auroc_steps))
-    name = ("reference" if reference else "ours") + (" augmentation with our step" if reference and our_step else "")
     for x, y in tqdm(batches, total=args.auroc_steps, desc=f"{name}, seed {seed}"):
         run_training.train_step(model, opt, sched, x.contiguous(memory_format=fmt), y, device, amp)
     return run_training.test_auroc(model, images_u8, test_set, device, defaults)
@@ -235,10 +234,13 @@ def auroc_rows(args, images_u8, device) -> dict:
     seeds = [int(s) for s in args.auroc_seeds.split(",") if s.strip()]
     test_set = dataset.MVTecTest(args.data_dir, args.type, args.size, args.workers)
     rows, means = {}, {}
-    pipelines = [("ours", False, True)] + [("reference", True, False)] * args.reference
-    pipelines += [("reference augmentation, our step", True, True)] * (args.reference and args.reference_our_step)
+    pipelines = [("ours", False, True)]  # (name, the reference's augmentation, our step)
+    if args.reference:
+        pipelines.append(("reference", True, False))
+        if args.reference_our_step:
+            pipelines.append(("reference augmentation, our step", True, True))
     for name, reference, our_step in pipelines:
-        scores = [trained_auroc(args, images_u8, test_set, device, reference, seed, our_step) for seed in seeds]
+        scores = [trained_auroc(args, images_u8, test_set, device, seed, name, reference, our_step) for seed in seeds]
         rows.update({f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}": score
                      for seed, score in zip(seeds, scores)})
         means[name] = rows[f"{name}: mean image AUROC over seeds {args.auroc_seeds}"] = statistics.mean(scores)
