@@ -209,6 +209,9 @@ def trained_auroc(args, images_u8, test_set, device, seed: int, name: str, refer
     channels-last) with `our_step`, else the reference's (float32, NCHW). The same seed gives the same initial
     weights, and the same batches for the same augmentation."""
     seed_everything(seed)
+    # The reference draws its boxes from Python's random. DataLoader workers seed it from torch's generator, but
+    # with --ref_workers 0 the draws happen in this process, so they are seeded here.
+    random.seed(seed)
     defaults = training_defaults()
     defaults.amp = amp = our_step and bf16_supported(device)
     defaults.channels_last = our_step
