@@ -185,6 +185,7 @@ def test_benchmark_auroc_comparison(mvtec_root):
     for label in ("ours - reference", "reference augmentation, our step - reference",
                   "ours - reference augmentation, our step"):
         assert f"{label}: sd of the paired differences" in rows, "two paired seeds get their spread"
+        assert rows[f"{label}: loss of {benchmark.AUROC_MARGIN} or more excluded (95%)"] in ("yes", "no")
 
 
 def test_paired_difference_known_case():
@@ -205,3 +206,24 @@ def test_paired_difference_known_case():
     assert benchmark.paired_difference([0.9], [0.8]) == {}, "one seed has no spread"
     assert "ours - reference: paired t statistic" not in benchmark.paired_difference([0.9, 0.8], [0.8, 0.7]), \
         "no spread, no test"
+
+
+def test_paired_difference_non_inferiority():
+    import benchmark
+    # differences 0.1, 0, -0.1: mean 0, standard error 0.1 / sqrt(3), so the one-sided 95 % lower bound is
+    # -t(0.95, 2) * 0.1 / sqrt(3); the test of a loss >= margin has t = margin / (0.1 / sqrt(3)) and, with 2 degrees
+    # of freedom, one-sided p = (1 - t / sqrt(2 + t^2)) / 2.
+    bound = -2.919985580353726 * 0.1 / 3 ** 0.5
+    for margin, excluded in ((0.2, "yes"), (0.1, "no")):
+        rows = benchmark.paired_difference([0.9, 0.8, 0.7], [0.8, 0.8, 0.8], label="a - b", margin=margin)
+        t = margin / (0.1 / 3 ** 0.5)
+        assert rows["a - b: one-sided 95% lower bound of the mean difference"] == pytest.approx(bound)
+        assert rows[f"a - b: p-value of a loss of {margin} or more"] == pytest.approx((1 - t / (2 + t * t) ** 0.5) / 2)
+        assert rows[f"a - b: loss of {margin} or more excluded (95%)"] == excluded
+
+
+def test_benchmark_rejects_a_negative_margin(mvtec_root):
+    import benchmark
+    with pytest.raises(CutPasteError, match="--auroc_margin must be a positive"):
+        benchmark.main(["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--no-timing",
+                        "--auroc_steps", "2", "--auroc_margin", "-0.01", "--workers", "0"])
