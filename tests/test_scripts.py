@@ -227,3 +227,12 @@ def test_benchmark_rejects_a_negative_margin(mvtec_root):
     with pytest.raises(CutPasteError, match="--auroc_margin must be a positive"):
         benchmark.main(["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--no-timing",
                         "--auroc_steps", "2", "--auroc_margin", "-0.01", "--workers", "0"])
+
+
+def test_benchmark_table_keeps_small_values_readable():
+    import benchmark
+    # an AUROC's last digit and a small p-value survive; throughputs keep three decimals
+    assert benchmark.format_value(0.98730158) == "0.9873"
+    assert benchmark.format_value(0.000173) == "0.000173"
+    assert benchmark.format_value(25.7) == "25.700"
+    assert benchmark.format_value("yes") == "yes"
