@@ -246,26 +246,25 @@ def auroc_rows(args, images_u8, device) -> dict:
                             f"the default is {AUROC_MARGIN} (one point)")
     seeds = [int(s) for s in args.auroc_seeds.split(",") if s.strip()]
     test_set = dataset.MVTecTest(args.data_dir, args.type, args.size, args.workers)
-    rows, means = {}, {}
+    rows, scores = {}, {}
     pipelines = [("ours", False, True)]  # (name, the reference's augmentation, our step)
     if args.reference:
         pipelines.append(("reference", True, False))
         if args.reference_our_step:
             pipelines.append(("reference augmentation, our step", True, True))
     for name, reference, our_step in pipelines:
-        scores = [trained_auroc(args, images_u8, test_set, device, seed, name, reference, our_step) for seed in seeds]
+        scores[name] = [trained_auroc(args, images_u8, test_set, device, seed, name, reference, our_step)
+                        for seed in seeds]
         rows.update({f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}": score
-                     for seed, score in zip(seeds, scores)})
-        means[name] = rows[f"{name}: mean image AUROC over seeds {args.auroc_seeds}"] = statistics.mean(scores)
+                     for seed, score in zip(seeds, scores[name])})
+        rows[f"{name}: mean image AUROC over seeds {args.auroc_seeds}"] = statistics.mean(scores[name])
     # ours against the reference, and the split of that gap: the step alone (on the reference's own batches)
     # and the augmentation alone (with our step on both sides)
     for a, b in (("ours", "reference"), ("reference augmentation, our step", "reference"),
                  ("ours", "reference augmentation, our step")):
-        if a in means and b in means:
-            rows[f"AUROC difference ({a} - {b})"] = means[a] - means[b]
-            rows.update(paired_difference(*([rows[f"{name}: image AUROC after {args.auroc_steps} steps, seed {seed}"]
-                                             for seed in seeds] for name in (a, b)), label=f"{a} - {b}",
-                                          margin=args.auroc_margin))
+        if a in scores and b in scores:
+            rows[f"AUROC difference ({a} - {b})"] = statistics.mean(scores[a]) - statistics.mean(scores[b])
+            rows.update(paired_difference(scores[a], scores[b], label=f"{a} - {b}", margin=args.auroc_margin))
     return rows
 
 
@@ -278,9 +277,10 @@ def paired_difference(first: list[float], second: list[float], label: str = "our
     if len(first) < 2:
         return {}
     diffs = [a - b for a, b in zip(first, second)]
-    rows = {f"{label}: sd of the paired differences": statistics.stdev(diffs),
+    sd = statistics.stdev(diffs)
+    rows = {f"{label}: sd of the paired differences": sd,
             f"{label}: seeds with a difference >= 0": f"{sum(d >= 0 for d in diffs)} of {len(diffs)}"}
-    if rows[f"{label}: sd of the paired differences"] < PAIRED_MIN_SD:  # a t-test has no spread to use
+    if sd < PAIRED_MIN_SD:  # a t-test has no spread to use
         return rows
     test = stats.ttest_rel(first, second)
     low, high = test.confidence_interval(PAIRED_CONFIDENCE)
