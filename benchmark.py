@@ -108,9 +108,11 @@ def timed(fn, device, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def timed_alternating(fn_a, fn_b, device, steps: int, warmup: int) -> tuple[float, float]:
+def timed_alternating(fn_a, fn_b, device, steps: int, warmup: int) -> tuple[tuple[float, float], ...]:
     """Median seconds per call of fn_a and of fn_b, called in turn so that a change of machine load hits both
-    alike; each call is timed on its own, the device synchronised around it."""
+    alike; each call is timed on its own, the device synchronised around it. For each, (seconds, host seconds):
+    the host's are until the call returns, before the device is waited for. On an accelerator, host seconds
+    close to the seconds mean the host launching the work is the bottleneck, not the device."""
     for _ in range(warmup):
         fn_a()
         fn_b()
@@ -120,9 +122,10 @@ def timed_alternating(fn_a, fn_b, device, steps: int, warmup: int) -> tuple[floa
             sync(device)
             start = time.perf_counter()
             fn()
+            host = time.perf_counter() - start
             sync(device)
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+            out.append((time.perf_counter() - start, host))
+    return tuple((statistics.median(t for t, _ in out), statistics.median(h for _, h in out)) for out in times)
 
 
 class ReferenceCutPaste(Dataset):
@@ -169,11 +172,14 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
         xb, yb = make_batch(images_u8, args.variant, args.batch_size, gen)
         return run_training.train_step(step_model, opt, sched, xb.contiguous(memory_format=fmt), yb, device, amp)
 
-    model_only, e2e = timed_alternating(
+    (model_only, model_host), (e2e, e2e_host) = timed_alternating(
         lambda: run_training.train_step(step_model, opt, sched, x_fmt, y, device, amp), end_to_end, device,
         args.steps, args.warmup)
-    return {"augmentation img/s": n / aug, "model step img/s": n / model_only, "end-to-end img/s": n / e2e,
+    rows = {"augmentation img/s": n / aug, "model step img/s": n / model_only, "end-to-end img/s": n / e2e,
             "pipeline efficiency": model_only / e2e, "end-to-end s/step": e2e}
+    if device.type != "cpu":  # on the CPU the host does the work, so its time is the step's
+        rows.update({"model step host s (launching)": model_host, "end-to-end host s/step (launching)": e2e_host})
+    return rows
 
 
 def reference_loader(images_u8: torch.Tensor, batch_size: int, steps: int, workers: int) -> DataLoader:

@@ -167,6 +167,16 @@ def test_benchmark_smoke(tmp_path, mvtec_root):
     assert "| ours: model step img/s |" in (tmp_path / "bench.md").read_text()
 
 
+def test_timed_alternating_reports_both_calls_and_host_time():
+    import time
+
+    import benchmark
+    (slow, slow_host), (fast, fast_host) = benchmark.timed_alternating(
+        lambda: time.sleep(0.02), lambda: time.sleep(0.001), torch.device("cpu"), steps=3, warmup=1)
+    assert slow >= 0.02 and fast >= 0.001
+    assert 0 < slow_host <= slow and 0 < fast_host <= fast
+
+
 def test_benchmark_auroc_comparison(mvtec_root):
     import benchmark
     args = ["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4", "--no-timing",
