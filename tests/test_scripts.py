@@ -1,4 +1,5 @@
 """Smoke runs of the entry scripts on tiny synthetic data, and their errors on bad input."""
+import os
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,30 @@ def test_benchmark_smoke(tmp_path, mvtec_root):
                 "speed-up eval in-process (reference / ours)", "peak RSS MiB"):
         assert rows[key] > 0, key
     assert "| ours: model step img/s |" in (tmp_path / "bench.md").read_text()
+
+
+def run_gpu_checks(data_dir, out, category):
+    """gpu_checks.sh shrunk to a CPU smoke run: tiny images, one timed step, three training steps, no compile."""
+    env = {**os.environ, "DEVICE": "cpu", "CATEGORY": category, "SIZE": "64", "STEPS": "1", "WARMUP": "1",
+           "REPEATS": "1", "TRAIN_STEPS": "3", "LOC_IMAGES": "1", "COMPILE": "0", "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(ROOT / "gpu_checks.sh"), str(data_dir), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_checks_script_runs_every_check(tmp_path, mvtec_root):
+    res = run_gpu_checks(mvtec_root, tmp_path / "out", "lid")
+    assert res.returncode == 0, res.stdout[-2000:]
+    out = tmp_path / "out"
+    assert "| ours: pipeline efficiency |" in (out / "benchmark_cuda.md").read_text()
+    assert "images/s" in (out / "localization_cuda.txt").read_text()
+    assert "lid AUC: " in (out / "train_eval_cuda.txt").read_text()
+    assert "all checks passed" in (out / "log.txt").read_text()
+
+
+def test_gpu_checks_script_reports_failed_checks(tmp_path, mvtec_root):
+    res = run_gpu_checks(mvtec_root, tmp_path / "out", "no_such_category")
+    assert res.returncode == 1
+    assert "failed: benchmark train eval" in res.stdout
 
 
 def test_timed_alternating_reports_both_calls_and_host_time():

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one run of about five minutes, for a session lent one for a short time
+# (doc/performance.md says how to send the data with it):
+#
+#     bash gpu_checks.sh DATA_ROOT OUT_DIR
+#
+# DATA_ROOT is an MVTec-layout root holding the category (bottle by default); the results go to OUT_DIR:
+#   benchmark_cuda.md          benchmark.py, 3-way, 256 px, batch 32: the issue's H200 target, ours against
+#                              the reference in the same run, pipeline efficiency, host launch time, evaluation
+#   benchmark_cuda_compile.md  the same step under torch.compile, on random images (timing only)
+#   localization_cuda.txt      bench_localization.py: dense anomaly maps per second
+#   train_eval_cuda.txt        run_training.py (3-way, from scratch) and eval.py on the category: steps per
+#                              second and the image AUROC of a whole run on the GPU
+#   log.txt                    everything printed, with the versions of the GPU, driver and torch
+# A failing check does not stop the others; the exit status says whether any failed.
+# The environment can shrink it for a smoke run on the CPU: DEVICE, CATEGORY, SIZE, STEPS, WARMUP, REPEATS,
+# TRAIN_STEPS, LOC_IMAGES, PYTHON, and COMPILE=0 skips the compiled step.
+set -uo pipefail
+data=${1:?usage: bash gpu_checks.sh DATA_ROOT OUT_DIR}
+out=${2:?usage: bash gpu_checks.sh DATA_ROOT OUT_DIR}
+device=${DEVICE:-cuda}
+category=${CATEGORY:-bottle}
+size=${SIZE:-256}
+steps=${STEPS:-30}              # timed steps per measurement; a CUDA step is milliseconds, so more than the CPU's 5
+warmup=${WARMUP:-10}            # untimed steps first: cuDNN's autotuner tries its algorithms in the first ones
+repeats=${REPEATS:-3}           # evaluation timings are medians of this many runs
+train_steps=${TRAIN_STEPS:-1000}
+loc_images=${LOC_IMAGES:-64}
+python=${PYTHON:-python3}
+cd "$(dirname "$0")"
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export PYTHONUNBUFFERED=1
+failed=()
+
+check() {  # check NAME FILE COMMAND...: run the command, its output to FILE and the log; note a failure
+    local name=$1 file=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$out/log.txt"
+    if ! "$@" 2>&1 | tee -a "$out/log.txt" >"$file"; then
+        failed+=("$name")
+        echo "== $name FAILED" | tee -a "$out/log.txt"
+    fi
+}
+
+check versions "$work/versions.txt" "$python" -c "import platform, torch, torchvision
+print('python', platform.python_version(), 'torch', torch.__version__, 'torchvision', torchvision.__version__)
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(), 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
+check benchmark "$work/benchmark.txt" "$python" benchmark.py --device "$device" --variant 3way --size "$size" \
+    --data_dir "$data" --type "$category" --steps "$steps" --warmup "$warmup" --eval_repeats "$repeats" \
+    --out "$out/benchmark_cuda.md"
+check localization "$out/localization_cuda.txt" "$python" bench_localization.py --device "$device" \
+    --size "$size" --images "$loc_images"
+check train "$work/train.txt" "$python" run_training.py --data_dir "$data" --type "$category" --variant 3way \
+    --epochs "$train_steps" --size "$size" --no-pretrained --device "$device" --model_dir "$work/models" \
+    --log_dir "$work/logs"
+check eval "$work/eval.txt" "$python" eval.py --data_dir "$data" --type "$category" --model_dir "$work/models" \
+    --out_dir "$work/Eval" --device "$device" --save_plots 0
+cat "$work/train.txt" "$work/eval.txt" >"$out/train_eval_cuda.txt"
+# Last, as compiling can fail where the other checks ran: Triton and the compiler differ from machine to machine.
+if [[ ${COMPILE:-1} != 0 ]]; then
+    check compile "$work/compile.txt" "$python" benchmark.py --device "$device" --variant 3way --size "$size" \
+        --steps "$steps" --warmup "$warmup" --compile --no-reference --out "$out/benchmark_cuda_compile.md"
+fi
+
+if ((${#failed[@]})); then
+    echo "failed: ${failed[*]}" | tee -a "$out/log.txt"
+    exit 1
+fi
+echo "all checks passed" | tee -a "$out/log.txt"
