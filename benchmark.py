@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
@@ -128,6 +129,26 @@ def timed_alternating(fn_a, fn_b, device, steps: int, warmup: int) -> tuple[tupl
     return tuple((statistics.median(t for t, _ in out), statistics.median(h for _, h in out)) for out in times)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn) -> int:
+    """How many aten operations one call of fn dispatches, views included. On an accelerator each is a kernel launch
+    or a view that the host pays for whatever the image size, so this counts what bounds a small step there."""
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
 class ReferenceCutPaste(Dataset):
     """The reference data path: decode-free PIL images, ColorJitter and CutPaste per image in PIL."""
 
@@ -176,7 +197,9 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
         lambda: run_training.train_step(step_model, opt, sched, x_fmt, y, device, amp), end_to_end, device,
         args.steps, args.warmup)
     rows = {"augmentation img/s": n / aug, "model step img/s": n / model_only, "end-to-end img/s": n / e2e,
-            "pipeline efficiency": model_only / e2e, "end-to-end s/step": e2e}
+            "pipeline efficiency": model_only / e2e, "end-to-end s/step": e2e,
+            "augmentation aten ops per step": dispatched_ops(
+                lambda: make_batch(images_u8, args.variant, args.batch_size, gen))}
     if device.type != "cpu":  # on the CPU the host does the work, so its time is the step's
         rows.update({"model step host s (launching)": model_host, "end-to-end host s/step (launching)": e2e_host})
     return rows

@@ -175,7 +175,7 @@ def _jitter_by_hue_group(images, p: JitterParams, factors, weights, out) -> None
 def _jitter_by_stage(images, p: JitterParams, factors, weights, out) -> None:
     """An accelerator's order: the whole batch stage by stage, the images that shift hue at that
     stage apart from those that blend. Each image takes the same operations as in
-    _jitter_by_hue_group, in about a third fewer kernel launches, which bound the augmentation's
+    _jitter_by_hue_group, in about a quarter fewer kernel launches, which bound the augmentation's
     time on a GPU (doc/performance.md); only the rounding of an image's mean may differ."""
     x, start = images, 0
     for stage, count in enumerate(p.hue_counts):
