@@ -11,7 +11,7 @@
 #   localization_cuda.txt      bench_localization.py: dense anomaly maps per second
 #   train_eval_cuda.txt        run_training.py (3-way, from scratch) and eval.py on the category: steps per
 #                              second and the image AUROC of a whole run on the GPU
-#   log.txt                    everything printed, with the versions of the GPU, driver and torch
+#   log.txt                    everything printed, with the versions of Python, torch, the GPU and CUDA
 # A failing check does not stop the others; the exit status says whether any failed.
 # The environment can shrink it for a smoke run on the CPU: DEVICE, CATEGORY, SIZE, STEPS, WARMUP, REPEATS,
 # TRAIN_STEPS, LOC_IMAGES, PYTHON, and COMPILE=0 skips the compiled step.
@@ -27,8 +27,13 @@ repeats=${REPEATS:-3}           # evaluation timings are medians of this many ru
 train_steps=${TRAIN_STEPS:-1000}
 loc_images=${LOC_IMAGES:-64}
 python=${PYTHON:-python3}
-cd "$(dirname "$0")"
+if [[ ! -d $data ]]; then
+    echo "error: no data folder $data; give the MVTec-layout root that holds $category/" >&2
+    exit 2
+fi
 mkdir -p "$out"
+data=$(cd "$data" && pwd) out=$(cd "$out" && pwd)  # absolute, as the scripts run from this file's folder
+cd "$(dirname "$0")"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1
