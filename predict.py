@@ -277,8 +277,9 @@ def choose_checkpoint(path: Path, category: str | None) -> Path:
 
 
 def write_csv(results: list[Prediction], threshold: float, out: Path) -> pd.DataFrame:
+    columns = ["path", "score", "label", "threshold", "error"]
     frame = pd.DataFrame([{"path": r.path, "score": r.score, "label": r.label, "threshold": threshold,
-                           "error": r.error} for r in results], columns=["path", "score", "label", "threshold", "error"])
+                           "error": r.error} for r in results], columns=columns)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     return frame
