@@ -29,6 +29,7 @@ from tqdm import tqdm
 import dataset
 import engine
 import eval as eval_script
+import cudagraphs
 import run_training
 from common import (CutPasteError, bf16_supported, keep_freed_memory, make_generator, resolve_device, run_main,
                     seed_everything)
@@ -73,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="evaluation timings (ours, the eval.py command, the reference) are medians of this many runs")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure the model step under torch.compile")
+    p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay ours' augmentation from a CUDA graph, as run_training.py does by default; "
+                        "the eager augmentation is then measured too (default: on)")
     p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                    help="measure throughput and evaluation time (--no-timing with --auroc_steps: AUROC only)")
     p.add_argument("--auroc_steps", type=int, default=0,
@@ -175,8 +179,11 @@ class ReferenceCutPaste(Dataset):
         return self.to_tensor(img), self.to_tensor(out)
 
 
-def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_model: bool) -> dict:
-    """Augmentation, model-only step and end-to-end step of this project's pipeline (img/s of the model's batch)."""
+def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_model: bool,
+               cuda_graph: bool) -> dict:
+    """Augmentation, model-only step and end-to-end step of this project's pipeline (img/s of the model's batch).
+
+    The aten operations are counted on the eager augmentation: a CUDA graph replays them in one launch."""
     seed_everything(0)
     gen = make_generator(device, 0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -186,11 +193,13 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
     opt, sched = run_training.make_optimizer(model, defaults, 10 ** 6)
     x, y = make_batch(images_u8, args.variant, args.batch_size, gen)
     n = x.shape[0]
-    aug = timed(lambda: make_batch(images_u8, args.variant, args.batch_size, gen), device, args.steps, args.warmup)
+    batch = cudagraphs.GraphedCall(lambda: make_batch(images_u8, args.variant, args.batch_size, gen), device, (gen,),
+                                   cuda_graph)
+    aug = timed(batch, device, args.steps, args.warmup)
     x_fmt = x.contiguous(memory_format=fmt)
 
     def end_to_end():
-        xb, yb = make_batch(images_u8, args.variant, args.batch_size, gen)
+        xb, yb = batch()
         return run_training.train_step(step_model, opt, sched, xb.contiguous(memory_format=fmt), yb, device, amp)
 
     (model_only, model_host), (e2e, e2e_host) = timed_alternating(
@@ -428,7 +437,8 @@ def format_value(value) -> str:
 
 
 def timing_rows(args, images, device, amp: bool) -> dict:
-    """Throughput of the reference and ours (default and fp32 NCHW, compiled if asked); evaluation time.
+    """Throughput of the reference and ours (default, eager augmentation on CUDA, fp32 NCHW, compiled if asked);
+    evaluation time.
 
     The reference is timed first, with the C library's default allocator settings; ours then runs as
     run_training.py does (keep_freed_memory on the CPU unless --no-keep_freed_memory).
@@ -441,10 +451,16 @@ def timing_rows(args, images, device, amp: bool) -> dict:
                                                        args.eval_repeats)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
-    rows = {f"ours: {k}": v for k, v in bench_ours(args, images, device, amp, True, False).items()}
-    rows.update({f"ours fp32 NCHW: {k}": v for k, v in bench_ours(args, images, device, False, False, False).items()})
+    graph = args.cuda_graph
+    rows = {f"ours: {k}": v for k, v in bench_ours(args, images, device, amp, True, False, graph).items()}
+    if graph and device.type == "cuda":
+        rows.update({f"ours eager augmentation: {k}": v
+                     for k, v in bench_ours(args, images, device, amp, True, False, False).items()})
+    rows.update({f"ours fp32 NCHW: {k}": v
+                 for k, v in bench_ours(args, images, device, False, False, False, graph).items()})
     if args.compile:
-        rows.update({f"ours compiled: {k}": v for k, v in bench_ours(args, images, device, amp, True, True).items()})
+        rows.update({f"ours compiled: {k}": v
+                     for k, v in bench_ours(args, images, device, amp, True, True, graph).items()})
     if args.data_dir is not None:
         rows.update({f"ours: {k}": v for k, v in bench_eval(args, device, amp).items()})
     rows.update(reference)

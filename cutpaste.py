@@ -383,7 +383,9 @@ def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator):
     clean = apply_jitter(base, sample_jitter(b, gen), out=x[:b])
     for view, kind in enumerate(kinds, start=1):
         cutpaste_views(clean, kind, gen, out=x[view * b:(view + 1) * b])
-    labels = torch.arange(1 + len(kinds), device=base.device).repeat_interleave(b)
+    # Expanded rather than repeat_interleave'd: the same labels, and no chance of a read back to the host,
+    # which a CUDA graph of the batch (cudagraphs.py) could not capture.
+    labels = torch.arange(1 + len(kinds), device=base.device).view(-1, 1).expand(-1, b).reshape(-1)
     return x, labels
 
 

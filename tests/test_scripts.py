@@ -194,6 +194,7 @@ def test_gpu_checks_script_runs_every_check(tmp_path, mvtec_root):
     res = run_gpu_checks(mvtec_root, tmp_path / "out", "lid")
     assert res.returncode == 0, res.stdout[-2000:]
     out = tmp_path / "out"
+    assert " passed" in (out / "cuda_tests.txt").read_text()
     assert "| ours: pipeline efficiency |" in (out / "benchmark_cuda.md").read_text()
     assert "images/s" in (out / "localization_cuda.txt").read_text()
     assert "lid AUC: " in (out / "train_eval_cuda.txt").read_text()
