@@ -103,8 +103,10 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) greyscale of (B, 3, H, W) images, as torchvision's rgb_to_grayscale.
 
     A product and a sum over the channels rather than an einsum, whose batched product copied the
-    images first; on the CPU the two give the same bits, in a third of the operations."""
-    return (images * images.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    images first; on the CPU the two give the same bits, in a third of the operations. The weights are
+    filled on the images' device, not copied from the host, which a CUDA graph could not capture."""
+    luma = torch.stack([images.new_full((), w) for w in _LUMA])
+    return (images * luma.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
 def _triangle(k: torch.Tensor) -> torch.Tensor:
