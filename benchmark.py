@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+import cudagraphs
 import dataset
 import engine
 import eval as eval_script
-import cudagraphs
 import run_training
 from common import (CutPasteError, bf16_supported, keep_freed_memory, make_generator, resolve_device, run_main,
                     seed_everything)

@@ -38,7 +38,8 @@ class GraphedCall:
         if not self.enabled:
             return self.fn()
         if self.graph is None:
-            return self._warm_up_and_capture()
+            with torch.cuda.device(self.device):  # the capture's own stream is made on the current device
+                return self._warm_up_and_capture()
         self.graph.replay()
         return tuple(t.clone() for t in self.outputs)
 
