@@ -132,10 +132,11 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # Greys have chroma 0 and numerator 0; the floor on the divisor keeps them at hue 0, not NaN.
     sextant = (red * (g - b) + green * (b - r) + blue * (r - g)).div_(chroma.clamp(min=torch.finfo(chroma.dtype).tiny))
     sextant = sextant.add_(green * 2 + blue * 4).add_(6 * shift.view(-1, 1, 1)).remainder_(6)
-    out = torch.empty_like(images)
-    for channel, offset in enumerate((5.0, 3.0, 1.0)):
-        torch.addcmul(high, chroma, _triangle(sextant + offset), value=-1, out=out[:, channel])
-    return out
+    # The three channels at once, broadcast over their offsets: each pixel takes the same arithmetic as
+    # channel by channel (the same bits), in a third of the operations that bound a step on a GPU.
+    offsets = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    ramp = _triangle(sextant.unsqueeze(1) + offsets)
+    return torch.addcmul(high.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1)
 
 
 def _blend_stage(images: torch.Tensor, step: torch.Tensor, factors: torch.Tensor, weights) -> torch.Tensor:
@@ -177,7 +178,7 @@ def _jitter_by_hue_group(images, p: JitterParams, factors, weights, out) -> None
 def _jitter_by_stage(images, p: JitterParams, factors, weights, out) -> None:
     """An accelerator's order: the whole batch stage by stage, the images that shift hue at that
     stage apart from those that blend. Each image takes the same operations as in
-    _jitter_by_hue_group, in about a quarter fewer kernel launches, which bound the augmentation's
+    _jitter_by_hue_group, in about a third fewer kernel launches, which bound the augmentation's
     time on a GPU (doc/performance.md); only the rounding of an image's mean may differ."""
     x, start = images, 0
     for stage, count in enumerate(p.hue_counts):

@@ -179,7 +179,7 @@ def test_accelerator_jitter_order_dispatches_fewer_ops():
     out = torch.empty_like(images)
     by_group = benchmark.dispatched_ops(lambda: cutpaste._jitter_by_hue_group(images, p, factors, None, out))
     by_stage = benchmark.dispatched_ops(lambda: cutpaste._jitter_by_stage(images, p, factors, None, out))
-    assert by_stage < 0.8 * by_group  # 383 against 508 when written
+    assert by_stage < 0.8 * by_group  # 319 against 468 (383 against 508 before the hue shift's broadcast)
 
 
 def run_gpu_checks(data_dir, out, category):
