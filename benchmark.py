@@ -191,10 +191,12 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
     model = engine.build_model(defaults.head_layer, VARIANT_CLASSES[args.variant]).to(device, memory_format=fmt)
     step_model = torch.compile(model) if compile_model else model
     opt, sched = run_training.make_optimizer(model, defaults, 10 ** 6)
-    x, y = make_batch(images_u8, args.variant, args.batch_size, gen)
+    def make():
+        return make_batch(images_u8, args.variant, args.batch_size, gen)
+
+    x, y = make()
     n = x.shape[0]
-    batch = cudagraphs.GraphedCall(lambda: make_batch(images_u8, args.variant, args.batch_size, gen), device, (gen,),
-                                   cuda_graph)
+    batch = cudagraphs.GraphedCall(make, device, (gen,), cuda_graph)
     aug = timed(batch, device, args.steps, args.warmup)
     x_fmt = x.contiguous(memory_format=fmt)
 
@@ -207,8 +209,7 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
         args.steps, args.warmup)
     rows = {"augmentation img/s": n / aug, "model step img/s": n / model_only, "end-to-end img/s": n / e2e,
             "pipeline efficiency": model_only / e2e, "end-to-end s/step": e2e,
-            "augmentation aten ops per step": dispatched_ops(
-                lambda: make_batch(images_u8, args.variant, args.batch_size, gen))}
+            "augmentation aten ops per step": dispatched_ops(make)}
     if device.type != "cpu":  # on the CPU the host does the work, so its time is the step's
         rows.update({"model step host s (launching)": model_host, "end-to-end host s/step (launching)": e2e_host})
     return rows

@@ -151,8 +151,8 @@ def test_jitter_orders_of_cpu_and_accelerator_agree(n):
     before = images.clone()
     for w in (None, weights):
         by_group, by_stage = torch.full_like(images, -1), torch.full_like(images, -1)
-        cp._jitter_by_hue_group(images, p, factors, w, by_group)
-        cp._jitter_by_stage(images, p, factors, w, by_stage)
+        cp._jitter_by_hue_group(images, p, factors, w, by_group, cp._luma(images))
+        cp._jitter_by_stage(images, p, factors, w, by_stage, cp._luma(images))
         assert by_group.min() >= 0 and torch.allclose(by_group, by_stage, rtol=0, atol=1e-6)
     assert torch.equal(images, before)
 
