@@ -1,6 +1,6 @@
 """Replaying a function's kernels from a CUDA graph: one launch where there were hundreds.
 
-On an H200 the batched augmentation of a 3-way step dispatched about 1560 small kernels (1370
+On an H200 the batched augmentation of a 3-way step dispatched about 1560 small kernels (1325
 since). Launching them kept the host busy for 22 ms, longer than the whole model step (14 ms), so
 the training step was bound by the host, not by the GPU (doc/performance.md). A CUDA graph records the launches once;
 each replay then launches them all in one call.

@@ -82,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="wrap the training model in torch.compile")
     p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay each step's augmentation from a CUDA graph: one launch instead of about "
-                        "1400 operations (3-way) launched one by one, the same random draws (default: on; whole images "
+                        "1300 operations (3-way) launched one by one, the same random draws (default: on; whole images "
                         "only, ignored on other devices)")
     p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, have glibc's malloc keep freed memory for the next step instead of mapping "
