@@ -30,6 +30,7 @@ import cudagraphs
 import dataset
 import engine
 import eval as eval_script
+import prefetch
 import run_training
 from common import (CutPasteError, bf16_supported, keep_freed_memory, make_generator, resolve_device, run_main,
                     seed_everything)
@@ -77,6 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay ours' augmentation from a CUDA graph, as run_training.py does by default; "
                         "the eager augmentation is then measured too (default: on)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="make ours' batches one step ahead as run_training.py does, on CUDA on a second stream "
+                        "during the step; on CUDA the step without it is then measured too (default: on)")
     p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                    help="measure throughput and evaluation time (--no-timing with --auroc_steps: AUROC only)")
     p.add_argument("--auroc_steps", type=int, default=0,
@@ -180,7 +184,7 @@ class ReferenceCutPaste(Dataset):
 
 
 def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_model: bool,
-               cuda_graph: bool) -> dict:
+               cuda_graph: bool, prefetched: bool) -> dict:
     """Augmentation, model-only step and end-to-end step of this project's pipeline (img/s of the model's batch).
 
     The aten operations are counted on the eager augmentation: a CUDA graph replays them in one launch."""
@@ -199,9 +203,10 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
     batch = cudagraphs.GraphedCall(make, device, (gen,), cuda_graph)
     aug = timed(batch, device, args.steps, args.warmup)
     x_fmt = x.contiguous(memory_format=fmt)
+    feed = prefetch.Prefetcher(batch, device, gen, prefetched)
 
     def end_to_end():
-        xb, yb = batch()
+        xb, yb = feed()
         return run_training.train_step(step_model, opt, sched, xb.contiguous(memory_format=fmt), yb, device, amp)
 
     (model_only, model_host), (e2e, e2e_host) = timed_alternating(
@@ -438,8 +443,8 @@ def format_value(value) -> str:
 
 
 def timing_rows(args, images, device, amp: bool) -> dict:
-    """Throughput of the reference and ours (default, eager augmentation on CUDA, fp32 NCHW, compiled if asked);
-    evaluation time.
+    """Throughput of the reference and ours (default; on CUDA also without prefetch and with the eager augmentation;
+    fp32 NCHW; compiled if asked); evaluation time.
 
     The reference is timed first, with the C library's default allocator settings; ours then runs as
     run_training.py does (keep_freed_memory on the CPU unless --no-keep_freed_memory).
@@ -452,16 +457,19 @@ def timing_rows(args, images, device, amp: bool) -> dict:
                                                        args.eval_repeats)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
-    graph = args.cuda_graph
-    rows = {f"ours: {k}": v for k, v in bench_ours(args, images, device, amp, True, False, graph).items()}
-    if graph and device.type == "cuda":
-        rows.update({f"ours eager augmentation: {k}": v
-                     for k, v in bench_ours(args, images, device, amp, True, False, False).items()})
-    rows.update({f"ours fp32 NCHW: {k}": v
-                 for k, v in bench_ours(args, images, device, False, False, False, graph).items()})
+    graph, ahead = args.cuda_graph, args.prefetch
+    configs = [("ours", amp, True, False, graph, ahead)]  # label, amp, channels-last, compiled, graph, prefetch
+    if device.type == "cuda":
+        if ahead:
+            configs.append(("ours without prefetch", amp, True, False, graph, False))
+        if graph:
+            configs.append(("ours eager augmentation", amp, True, False, False, ahead))
+    configs.append(("ours fp32 NCHW", False, False, False, graph, ahead))
     if args.compile:
-        rows.update({f"ours compiled: {k}": v
-                     for k, v in bench_ours(args, images, device, amp, True, True, graph).items()})
+        configs.append(("ours compiled", amp, True, True, graph, ahead))
+    rows = {}
+    for label, *config in configs:
+        rows.update({f"{label}: {k}": v for k, v in bench_ours(args, images, device, *config).items()})
     if args.data_dir is not None:
         rows.update({f"ours: {k}": v for k, v in bench_eval(args, device, amp).items()})
     rows.update(reference)

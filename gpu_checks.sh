@@ -5,10 +5,10 @@
 #     bash gpu_checks.sh DATA_ROOT OUT_DIR
 #
 # DATA_ROOT is an MVTec-layout root holding the category (bottle by default); the results go to OUT_DIR:
-#   cuda_tests.txt             the tests that need a CUDA device (the augmentation's CUDA graph)
+#   cuda_tests.txt             the tests that need a CUDA device (the augmentation's CUDA graph, its prefetch)
 #   benchmark_cuda.md          benchmark.py, 3-way, 256 px, batch 32: the issue's H200 target, ours against
 #                              the reference in the same run, pipeline efficiency, host launch time, evaluation,
-#                              and ours with the eager augmentation (no CUDA graph)
+#                              and ours without prefetch and with the eager augmentation (no CUDA graph)
 #   benchmark_cuda_compile.md  the same step under torch.compile, on random images (timing only)
 #   localization_cuda.txt      bench_localization.py: dense anomaly maps per second
 #   train_eval_cuda.txt        run_training.py (3-way, from scratch) and eval.py on the category: steps per
@@ -55,7 +55,8 @@ check versions "$work/versions.txt" "$python" -c "import platform, torch, torchv
 print('python', platform.python_version(), 'torch', torch.__version__, 'torchvision', torchvision.__version__)
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(), 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
-check cuda_tests "$out/cuda_tests.txt" "$python" -m pytest -q -p no:cacheprovider tests/test_cudagraphs.py
+check cuda_tests "$out/cuda_tests.txt" "$python" -m pytest -q -p no:cacheprovider tests/test_cudagraphs.py \
+    tests/test_prefetch.py
 check benchmark "$work/benchmark.txt" "$python" benchmark.py --device "$device" --variant 3way --size "$size" \
     --data_dir "$data" --type "$category" --steps "$steps" --warmup "$warmup" --eval_repeats "$repeats" \
     --out "$out/benchmark_cuda.md"

@@ -22,6 +22,7 @@ import engine
 import records
 import runstate
 import localization
+import prefetch
 from common import (CutPasteError, bf16_supported, keep_freed_memory, make_generator, resolve_device,
                     run_main, seed_everything)
 from cutpaste import VARIANT_CLASSES, VARIANTS, make_batch
@@ -84,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="on CUDA, replay each step's augmentation from a CUDA graph: one launch instead of about "
                         "1300 operations (3-way) launched one by one, the same random draws (default: on; whole images "
                         "only, ignored on other devices)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="make each step's batch one step ahead, the same batches in the same order; on CUDA on a "
+                        "second stream, so that it is made while the current step trains (default: on)")
     p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, have glibc's malloc keep freed memory for the next step instead of mapping "
                         "fresh pages (about 15%% faster steps, about 0.5 GB more memory; default: on)")
@@ -217,13 +221,15 @@ def finish_category(args, category: str, name: str, model, train_u8, device: tor
     return path
 
 
-def batch_source(args, train_u8: torch.Tensor, gen: torch.Generator, device: torch.device):
+def batch_source(args, train_u8: torch.Tensor, gen: torch.Generator, device: torch.device) -> prefetch.Prefetcher:
     """A callable that returns each step's (x, y): patches (section 4.2) or whole images, the latter replayed from
-    a CUDA graph on CUDA unless --no-cuda_graph."""
-    if args.patch_size:
-        return lambda: localization.make_patch_batch(train_u8, args.variant, args.batch_size, args.patch_size, gen)
-    return cudagraphs.GraphedCall(lambda: make_batch(train_u8, args.variant, args.batch_size, gen), device, (gen,),
-                                  args.cuda_graph)
+    a CUDA graph on CUDA unless --no-cuda_graph; on CUDA made one step ahead unless --no-prefetch."""
+    def patches():
+        return localization.make_patch_batch(train_u8, args.variant, args.batch_size, args.patch_size, gen)
+
+    make = patches if args.patch_size else cudagraphs.GraphedCall(
+        lambda: make_batch(train_u8, args.variant, args.batch_size, gen), device, (gen,), args.cuda_graph)
+    return prefetch.Prefetcher(make, device, gen, args.prefetch)
 
 
 def train_category(args, category: str, device: torch.device, stop: runstate.StopRequest | None = None,
@@ -265,6 +271,7 @@ def train_category(args, category: str, device: torch.device, stop: runstate.Sto
             writer.add_scalar("test_image_auroc", auroc, step)
         if (stop is not None and stop.requested) or (args.save_every and (step + 1) % args.save_every == 0):
             last_loss = flush_scalars(writer, pending, category) if pending else last_loss
+            next_batch.rewind()  # the saved generator must not count the batch made ahead for the next step
             runstate.save_state(runstate.capture(step + 1, name, category, args, model, opt, sched, gen, device),
                                 state_path)
             saved_at = step + 1
@@ -272,6 +279,7 @@ def train_category(args, category: str, device: torch.device, stop: runstate.Sto
                 writer.close()
                 raise runstate.Interrupted(f"{category} stopped at step {step + 1} of {args.epochs}; its state is "
                                            f"in {state_path}: rerun with --resume to continue")
+    next_batch.rewind()
     if args.save_every and saved_at != args.epochs:
         runstate.save_state(runstate.capture(args.epochs, name, category, args, model, opt, sched, gen, device),
                             state_path)
