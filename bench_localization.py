@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import engine
 import localization
@@ -54,11 +55,13 @@ def main(argv=None):
     model = model.to(device, memory_format=fmt).eval()
     images = (torch.rand(args.images + 1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
               * 255).to(torch.uint8)
-    runner = localization.Runner(model, device, amp, args.channels_last, args.patch_batch)
+    runner = localization.Runner(model, device, amp, args.channels_last, args.patch_batch, progress=False)
     density, _ = localization.fit_patch_density(runner, images[:2], args.patch_size,
                                                 local=args.patch_density == "local")
     per_image = []
-    for i in range(args.images + 1):  # the first image warms the kernels up and is not counted
+    # One bar for the run, not one per image: gpu_checks.sh keeps the output in a file. The first image warms the
+    # kernels up and is not counted.
+    for i in tqdm(range(args.images + 1), desc="dense maps", dynamic_ncols=True):
         _sync(device)
         start = time.perf_counter()
         grid = localization.score_grids(runner, density, images[i:i + 1], args.patch_size, args.stride)

@@ -130,12 +130,14 @@ def nearest_cells(height: int, width: int, patch: int, stride: int, cell_stride:
 
 @dataclass(frozen=True)
 class Runner:
-    """How patches go through the network: the model, its device, bf16 autocast, memory format, batch size."""
+    """How patches go through the network: the model, its device, bf16 autocast, memory format, batch size, and
+    whether long passes show a progress bar (a caller with a bar of its own turns it off)."""
     model: torch.nn.Module
     device: torch.device
     amp: bool = False
     channels_last: bool = False
     batch: int = PATCH_BATCH
+    progress: bool = True
 
     @torch.inference_mode()
     def over_crops(self, images_u8: torch.Tensor, crops, patch: int, reduce, desc: str = "patches"):
@@ -148,7 +150,7 @@ class Runner:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = []
         for start in tqdm(range(0, len(img), self.batch), desc=desc, leave=False, dynamic_ncols=True,
-                          disable=len(img) <= 4 * self.batch):
+                          disable=not self.progress or len(img) <= 4 * self.batch):
             part = slice(start, min(start + self.batch, len(img)))
             x = apply_crops(images, img[part], top[part], left[part], patch)
             with autocast(self.device, self.amp):

@@ -275,7 +275,10 @@ def test_image_model_with_gradcam_and_dense(tmp_path, mvtec_root):
     assert len(list((tmp_path / "Eval" / "im" / "cap" / "heatmaps").glob("*.png"))) == 1
 
 
-def test_benchmark_script_runs():
-    times = bench_localization.main(["--size", "32", "--patch_size", "16", "--stride", "8", "--images", "2",
-                                     "--device", "cpu"])
+def test_benchmark_script_runs_with_one_progress_bar(capsys):
+    # Small patch batches make each image's scoring long enough for a bar of its own, unless the script stops it.
+    times = bench_localization.main(["--size", "32", "--patch_size", "16", "--stride", "2", "--images", "2",
+                                     "--device", "cpu", "--patch_batch", "4"])
     assert times.shape == (2,) and (times > 0).all()
+    err = capsys.readouterr().err
+    assert "dense maps" in err and "score test patches" not in err
