@@ -83,8 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="wrap the training model in torch.compile")
     p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay each step's augmentation from a CUDA graph: one launch instead of about "
-                        "1300 operations (3-way) launched one by one, the same random draws (default: on; whole images "
-                        "only, ignored on other devices)")
+                        "1300 operations (3-way) launched one by one, the same random draws (default: on; ignored on "
+                        "other devices)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="make each step's batch one step ahead, the same batches in the same order; on CUDA on a "
                         "second stream, so that it is made while the current step trains (default: on)")
@@ -222,13 +222,15 @@ def finish_category(args, category: str, name: str, model, train_u8, device: tor
 
 
 def batch_source(args, train_u8: torch.Tensor, gen: torch.Generator, device: torch.device) -> prefetch.Prefetcher:
-    """A callable that returns each step's (x, y): patches (section 4.2) or whole images, the latter replayed from
-    a CUDA graph on CUDA unless --no-cuda_graph; on CUDA made one step ahead unless --no-prefetch."""
+    """A callable that returns each step's (x, y), of patches (section 4.2) or whole images: replayed from a CUDA
+    graph on CUDA unless --no-cuda_graph, made one step ahead unless --no-prefetch."""
     def patches():
         return localization.make_patch_batch(train_u8, args.variant, args.batch_size, args.patch_size, gen)
 
-    make = patches if args.patch_size else cudagraphs.GraphedCall(
-        lambda: make_batch(train_u8, args.variant, args.batch_size, gen), device, (gen,), args.cuda_graph)
+    def images():
+        return make_batch(train_u8, args.variant, args.batch_size, gen)
+
+    make = cudagraphs.GraphedCall(patches if args.patch_size else images, device, (gen,), args.cuda_graph)
     return prefetch.Prefetcher(make, device, gen, args.prefetch)
 
 

@@ -6,6 +6,7 @@ import torch
 from common import CutPasteError, make_generator
 from cudagraphs import GraphedCall
 from cutpaste import make_batch
+from localization import make_patch_batch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -45,6 +46,20 @@ def test_graph_replays_draw_what_eager_calls_draw(variant):
     # Each call returned its own tensors: later replays did not overwrite the earlier results.
     assert not torch.equal(replayed[1][0], replayed[2][0])
     assert replayed[1][0].data_ptr() != replayed[2][0].data_ptr()
+
+
+@needs_cuda
+def test_graph_of_the_patch_batch_draws_what_eager_calls_draw():
+    # Patch-level training (--patch_size) samples crop corners with randint and gathers them by indexing.
+    cuda = torch.device("cuda")
+    images = _images(cuda)
+    gen_graph, gen_eager = make_generator(cuda, 6), make_generator(cuda, 6)
+    graphed = GraphedCall(lambda: make_patch_batch(images, "3way", 4, 16, gen_graph), cuda, (gen_graph,))
+    replayed = _batches(graphed, 4)
+    eager = _batches(lambda: make_patch_batch(images, "3way", 4, 16, gen_eager), 4)
+    assert graphed.graph is not None
+    for (xg, yg), (xe, ye) in zip(replayed, eager):
+        assert torch.equal(xg, xe) and torch.equal(yg, ye)
 
 
 @needs_cuda
