@@ -195,6 +195,7 @@ def bench_ours(args, images_u8, device, amp: bool, channels_last: bool, compile_
     model = engine.build_model(defaults.head_layer, VARIANT_CLASSES[args.variant]).to(device, memory_format=fmt)
     step_model = torch.compile(model) if compile_model else model
     opt, sched = run_training.make_optimizer(model, defaults, 10 ** 6)
+
     def make():
         return make_batch(images_u8, args.variant, args.batch_size, gen)
 

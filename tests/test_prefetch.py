@@ -34,9 +34,9 @@ def test_disabled_prefetcher_is_a_plain_call():
     gen = make_generator(images.device, 3)
     feed = Prefetcher(lambda: make_batch(images, "3way", 4, gen), images.device, gen, enabled=False)
     batches = [feed(), feed()]
-    _, after_two = _eager(images, "3way", 3, 2)
+    expected, after_two = _eager(images, "3way", 3, 2)
     assert torch.equal(gen.get_state(), after_two.get_state()), "nothing drawn ahead"
-    _assert_same(batches, _eager(images, "3way", 3, 2)[0])
+    _assert_same(batches, expected)
 
 
 def _feed(images, variant, seed, graphed=True):
