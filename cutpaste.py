@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from support.options import VARIANTS
+
 # Section 3.1: "area ratio ... in (0.02, 0.15)" and aspect ratio log-uniform in (0.3, 1/0.3).
 CUTPASTE_AREA_RATIO = (0.02, 0.15)
 CUTPASTE_ASPECT_RATIO = (0.3, 1 / 0.3)
@@ -24,12 +26,8 @@ COLOR_JITTER = 0.1
 # The jitter's steps, numbered as torchvision's ColorJitter numbers them in its random order.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 JITTER_STEPS = 4
-# Pixels per chunk of the jitter on the CPU: 4 images at 256 px, about 3 MB of float RGB, which
-# stays in the cache of the machine the benchmark ran on (doc/performance.md).
-JITTER_CHUNK_PIXELS = 4 * 256 * 256
 # Output classes per variant: 0 is always the clean image.
-VARIANT_CLASSES = {"normal": 2, "scar": 2, "union": 2, "3way": 3}
-VARIANTS = tuple(VARIANT_CLASSES)
+VARIANT_CLASSES = dict(zip(VARIANTS, (2, 2, 2, 3)))
 # Greyscale weights of torchvision's rgb_to_grayscale (ITU-R BT.601, red rounded as torchvision does).
 _LUMA = (0.2989, 0.587, 0.114)
 
@@ -159,32 +157,9 @@ def _blend_stage(images: torch.Tensor, step: torch.Tensor, factors: torch.Tensor
     return torch.lerp(target.expand_as(images), images, factor).clamp_(0, 1)
 
 
-def _jitter_by_hue_group(images, p: JitterParams, factors, weights, out, luma) -> None:
-    """The CPU's order: group by group of images that shift hue at the same stage, a few images at
-    a time through all four stages, so that they stay in cache across the dozen passes of the
-    steps (about a quarter faster at 256 px than whole groups)."""
-    chunk = max(1, JITTER_CHUNK_PIXELS // (images.shape[2] * images.shape[3]))
-    start = 0
-    for hue_stage, count in enumerate(p.hue_counts):
-        group = p.hue_rows[start:start + count]
-        start += count
-        for first in range(0, count, chunk):
-            rows = group[first:first + chunk]
-            x, order, f = images.index_select(0, rows), p.order.index_select(0, rows), factors.index_select(0, rows)
-            w = None if weights is None else weights.index_select(0, rows)
-            for stage in range(JITTER_STEPS):
-                if stage == hue_stage:
-                    x = _shift_hue(x, p.hue.index_select(0, rows))
-                else:
-                    x = _blend_stage(x, order[:, stage], f, w, luma)
-            out.index_copy_(0, rows, x)
-
-
 def _jitter_by_stage(images, p: JitterParams, factors, weights, out, luma) -> None:
-    """An accelerator's order: the whole batch stage by stage, the images that shift hue at that
-    stage apart from those that blend. Each image takes the same operations as in
-    _jitter_by_hue_group, in about a quarter fewer kernel launches, which bound the augmentation's
-    time on a GPU (doc/performance.md); only the rounding of an image's mean may differ."""
+    """The whole batch stage by stage, the images that shift hue at that stage apart from those
+    that blend, so that the number of operations does not grow with the batch."""
     x, start = images, 0
     for stage, count in enumerate(p.hue_counts):
         hue_rows = p.hue_rows[start:start + count]
@@ -209,13 +184,11 @@ def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) 
     shift. `weights` (B, 1, H, W) of 0/1, when given, restricts contrast's grey mean to the pixels
     marked 1, as if only those pixels were the image (the packed CutPaste patches). The result goes
     to `out` (B, 3, H, W) when given, in whatever memory format it has, else to a new tensor;
-    `images` is never changed. The CPU and an accelerator take the images in different orders
-    (_jitter_by_hue_group, _jitter_by_stage) to the same result, up to rounding.
+    `images` is never changed.
     """
     out = torch.empty_like(images) if out is None else out
     factors = torch.stack([p.brightness, p.contrast, p.saturation], dim=1)
-    in_order = _jitter_by_hue_group if images.device.type == "cpu" else _jitter_by_stage
-    in_order(images, p, factors, weights, out, _luma(images))
+    _jitter_by_stage(images, p, factors, weights, out, _luma(images))
     return out
 
 

@@ -9,7 +9,8 @@ Layout (Bergmann et al., CVPR 2019)::
 Images are decoded and resized once into a uint8 tensor of shape (N, 3, size, size);
 the training loop samples and augments batches from that tensor on the device.
 
-As a script it fetches the data (see download.py):
+torch is imported inside the functions that make tensors, so that `python dataset.py --help` answers
+at once. As a script it fetches the data (support/download.py):
 
     python dataset.py --download Data
 """
@@ -20,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
-import download
-from common import CutPasteError, run_main
+from support import download
+from support.errors import CutPasteError, run_main
 
 # The 15 categories of MVTec AD, in the order of the paper's Table 1.
 MVTEC_CATEGORIES = (
@@ -118,8 +117,9 @@ def list_test_items(root: Path, category: str) -> list[TestItem]:
     return items
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode any PIL-readable image to RGB, resize to size x size (bilinear); uint8 (3, size, size)."""
+def load_image(path: Path, size: int):
+    """Decode any PIL-readable image to RGB, resize to size x size (bilinear); uint8 tensor (3, size, size)."""
+    import torch
     try:
         with Image.open(path) as img:
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
@@ -129,8 +129,10 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def load_mask(mask_path: Path, image_path: Path, size: int) -> torch.Tensor | None:
-    """Binary mask (size, size), nearest-neighbour resized; None with a warning when it does not fit its image."""
+def load_mask(mask_path: Path, image_path: Path, size: int):
+    """Binary mask (size, size) bool tensor, nearest-neighbour resized; None with a warning when it does not fit
+    its image."""
+    import torch
     try:
         with Image.open(mask_path) as mask, Image.open(image_path) as img:
             if mask.size != img.size:
@@ -143,11 +145,12 @@ def load_mask(mask_path: Path, image_path: Path, size: int) -> torch.Tensor | No
     return torch.from_numpy(arr > 127)
 
 
-def load_images(paths: list[Path], size: int, workers: int = 0) -> torch.Tensor:
+def load_images(paths: list[Path], size: int, workers: int = 0):
     """Decode and resize all `paths` once into a uint8 tensor (N, 3, size, size).
 
     workers > 0 decodes in that many threads (PIL releases the GIL while decoding).
     """
+    import torch
     if workers > 0:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             images = list(pool.map(lambda p: load_image(p, size), paths))
@@ -156,7 +159,7 @@ def load_images(paths: list[Path], size: int, workers: int = 0) -> torch.Tensor:
     return torch.stack(images)
 
 
-class MVTecTrain(Dataset):
+class MVTecTrain:
     """Clean training images of one category as a decoded uint8 tensor `images` (N, 3, S, S)."""
 
     def __init__(self, root: Path, category: str, size: int, workers: int = 0):
@@ -170,13 +173,14 @@ class MVTecTrain(Dataset):
         return self.images[idx]
 
 
-class MVTecTest(Dataset):
+class MVTecTest:
     """Test images of one category: uint8 `images` (N, 3, S, S), `labels` (N,), `defects`, `masks` (N, S, S).
 
     Masks are all-zero for good images and for defects whose mask is missing (`has_mask` False).
     """
 
     def __init__(self, root: Path, category: str, size: int, workers: int = 0):
+        import torch
         self.items = list_test_items(root, category)
         self.images = load_images([it.path for it in self.items], size, workers)
         self.labels = torch.tensor([it.label for it in self.items])
@@ -197,8 +201,8 @@ class MVTecTest(Dataset):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Download and extract MVTec AD (resumable, checksummed, safe extraction).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Download and extract MVTec AD (resumable, checksummed, safe "
+                                            "extraction).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--download", type=Path, required=True,
                    help="folder to download and extract MVTec AD into (then train with --data_dir FOLDER)")
     p.add_argument("--url", type=str, default=download.MVTEC_URL, help="address of the archive (a mirror may be given)")

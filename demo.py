@@ -3,20 +3,14 @@
     python demo.py
 
 Writes demo_data/ (the images), models_demo/ (the checkpoint), logdirs/ (tensorboard) and
-Eval/models_demo/ (plots and the results table). Runs in a few minutes on 2 CPU cores.
+Eval/models_demo/ (plots and the results table), and prints its wall time at the end.
 """
 import argparse
+import time
 from pathlib import Path
 
-import demo_data
-import eval as eval_script
-import run_training
-from common import run_main
-
-# Settings that finish within minutes on a laptop CPU and still separate the demo's defects.
-DEMO_SIZE = 64
-DEMO_STEPS = 300
-DEMO_VARIANT = "normal"
+from support import demo_data
+from support.errors import run_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,25 +18,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", type=Path, default=Path("demo_data"), help="where the synthetic data is written")
     p.add_argument("--model_dir", type=Path, default=Path("models_demo"), help="where the checkpoint is written")
-    p.add_argument("--size", type=int, default=DEMO_SIZE, help="image side in pixels")
-    p.add_argument("--epochs", type=int, default=DEMO_STEPS, help="optimizer steps")
-    p.add_argument("--variant", type=str, default=DEMO_VARIANT, help="CutPaste variant")
+    p.add_argument("--size", type=int, default=demo_data.DEMO_SIZE, help="image side in pixels")
+    p.add_argument("--epochs", type=int, default=demo_data.DEMO_STEPS, help="optimizer steps")
+    p.add_argument("--variant", type=str, default=demo_data.DEMO_VARIANT, help="CutPaste variant")
     p.add_argument("--seed", type=int, default=0, help="seed for the data and the training")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
     return p
 
 
 def main(argv=None):
+    started = time.perf_counter()
     args = get_args_parser().parse_args(argv)
+    from support import evaluation, options, training  # torch loads after parsing: --help answers at once
     category = demo_data.DEMO_CATEGORY
     if not (args.data_dir / category).is_dir():
         print(f"writing the synthetic category {category!r} to {args.data_dir}")
         demo_data.make_dataset(args.data_dir, category, size=args.size, seed=args.seed)
     common = ["--data_dir", str(args.data_dir), "--type", category, "--model_dir", str(args.model_dir),
               "--device", args.device]
-    run_training.main(common + ["--no-pretrained", "--variant", args.variant, "--epochs", str(args.epochs),
-                                "--size", str(args.size), "--seed", str(args.seed)])
-    return eval_script.main(common)
+    training.run(options.training_parser().parse_args(
+        common + ["--no-pretrained", "--variant", args.variant, "--epochs", str(args.epochs), "--size",
+                  str(args.size), "--batch_size", str(demo_data.DEMO_BATCH_SIZE), "--seed", str(args.seed)]))
+    frame = evaluation.run(options.eval_parser().parse_args(common))
+    print(f"demo done in {time.perf_counter() - started:.0f} s")
+    return frame
 
 
 if __name__ == "__main__":

@@ -6,10 +6,19 @@ shrinkage estimate (Ledoit & Wolf, "A well-conditioned estimator for large-dimen
 covariance matrices", J. Multivariate Analysis 2004), which stays invertible when there are
 fewer training images than dimensions. Both estimators expect L2-normalised embeddings
 (see `normalize`), as the paper's code does.
+
+Also here: held-out scores of the clean training images, whose quantiles are predict.py's
+thresholds; the standardisation that lets an ensemble average several models' scores; and the
+patch-level Gaussians of dense localization (section 4.2, appendix A.5).
 """
 import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
+
+from support.errors import CutPasteError
+
+# Folds of the held-out scoring: each fit sees 80 % of the clean images.
+HELDOUT_FOLDS = 5
 
 
 def normalize(embeds: torch.Tensor) -> torch.Tensor:
@@ -96,3 +105,85 @@ def make_density(name: str):
     if name not in DENSITIES:
         raise ValueError(f"unknown density {name!r}; choose one of {', '.join(DENSITIES)}")
     return DENSITIES[name]()
+
+
+def fit_and_score(train_embeds: torch.Tensor, test_embeds: torch.Tensor, kind: str = "torch"):
+    """Fit the Gaussian on normalised clean training embeddings; return (density, test scores (N,))."""
+    density = make_density(kind).fit(normalize(train_embeds))
+    return density, density.score(normalize(test_embeds))
+
+
+def heldout_scores(train_embeds: torch.Tensor, kind: str = "torch", folds: int = HELDOUT_FOLDS) -> torch.Tensor:
+    """(N, D) clean embeddings -> (N,) scores, image i scored by a Gaussian fitted without fold i % folds.
+
+    The in-sample scores of the training images run low, so a threshold taken from them would flag
+    too many new clean images; the q-quantile of these held-out scores is exceeded by about 1 - q of
+    them. The folds interleave the (sorted) images. Empty when there are fewer than 3 images.
+    """
+    n = train_embeds.shape[0]
+    folds = min(folds, n)
+    if n < 3 or folds < 2:
+        return torch.empty(0)
+    fold = torch.arange(n, device=train_embeds.device) % folds
+    scores = torch.empty(n)
+    for f in range(folds):
+        held = fold == f
+        _, s = fit_and_score(train_embeds[~held], train_embeds[held], kind)
+        scores[held.cpu()] = s.float().cpu()
+    return scores
+
+
+def quantile_threshold(scores: torch.Tensor, quantile: float) -> float:
+    """The `quantile` (in [0, 1]) of `scores`, linearly interpolated between order statistics."""
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile {quantile} is outside [0, 1]")
+    return float(torch.quantile(scores.double(), quantile))
+
+
+def normalized_scores(train_scores: torch.Tensor, test_scores: torch.Tensor) -> torch.Tensor:
+    """Test scores standardised by the mean and standard deviation of the same model's clean training scores,
+    which puts the Mahalanobis distances of different models on one scale before an ensemble averages them."""
+    train_scores = train_scores.double()
+    std = train_scores.std()
+    if not torch.isfinite(std) or std <= 0:
+        raise CutPasteError("cannot normalise anomaly scores: the clean training scores have no spread "
+                            "(fewer than 2 training images, or identical embeddings)")
+    return ((test_scores.double() - train_scores.mean()) / std).float()
+
+
+def ensemble_scores(members: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The ensemble's (N,) scores: normalized_scores(train (M_i,), test (N,)) averaged over the members."""
+    if not members:
+        raise ValueError("an ensemble needs at least one model")
+    return torch.stack([normalized_scores(train, test) for train, test in members]).mean(dim=0)
+
+
+class PatchGaussians:
+    """Gaussians on L2-normalised patch embeddings: one shared by all positions, or one per location cell
+    (`local`), as Li et al. (appendix A.5) do for aligned objects, where a patch normal in one place (a rim)
+    is a defect in another (the bottle's floor)."""
+
+    def __init__(self, kind: str = "torch", local: bool = False):
+        self.kind, self.local = kind, local
+
+    def fit(self, embeds: torch.Tensor, cells: torch.Tensor) -> "PatchGaussians":
+        """embeds (N, D) normalised; cells (N,) location cell of each patch."""
+        groups = cells if self.local else torch.zeros_like(cells)
+        self.parts = [make_density(self.kind).fit(embeds[groups == c]) for c in range(int(groups.max()) + 1)]
+        return self
+
+    def score(self, embeds: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """(N, D) normalised embeddings and their (N,) cells -> (N,) Mahalanobis distances."""
+        groups = cells if self.local else torch.zeros_like(cells)
+        out = torch.empty(len(embeds), device=embeds.device)
+        for c in groups.unique().tolist():
+            rows = groups == c
+            out[rows] = self.parts[c].score(embeds[rows]).float().to(out.device)
+        return out
+
+    def state_dict(self) -> dict:
+        states = [part.state_dict() for part in self.parts]
+        if not self.local:
+            return states[0]
+        return {"kind": f"{self.kind}-per-location", "mean": torch.stack([st["mean"] for st in states]),
+                "precision": torch.stack([st["precision"] for st in states])}

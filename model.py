@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from support.options import DEFAULT_ARCH  # the paper's backbone, resnet18
+
 # ImageNet statistics used by torchvision's pretrained weights; applied inside the model so that
 # every caller feeds images in [0, 1] and the checkpoint carries the normalisation with it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -15,7 +17,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # reimplementation's README: head_layer x 512, then 128, then the 2- or 3-way output.
 HEAD_WIDTH = 512
 HEAD_LAST = 128
-DEFAULT_ARCH = "resnet18"  # the paper's backbone
 
 
 def head_layers(head_layer: int) -> list[int]:

@@ -4,7 +4,7 @@ import torch
 from torchvision.models import efficientnet_b0
 
 import common
-import engine
+from support import checkpoints as engine
 import eval as eval_script
 import run_training
 from model import ProjectionNet, classification_backbone, head_layers

@@ -4,7 +4,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 import density
-import engine
+from support import checkpoints as engine
 
 
 def sample(n, d, seed):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import distributed
-import engine
+from support import checkpoints as engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained", "--log_every", "2",

@@ -13,7 +13,7 @@ import pytest
 
 import dataset
 import download
-from common import CutPasteError
+from support.errors import CutPasteError
 
 SERVER_LIFETIME_S = 60.0
 FILES = {

@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-import engine
+from support import checkpoints as engine
 import eval as eval_script
 import run_training
-from common import CutPasteError
+from support.errors import CutPasteError
 
 TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--no-pretrained"]
 

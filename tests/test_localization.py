@@ -5,15 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-import bench_localization
 import cutpaste
 import dataset
 import density
-import engine
+from support import checkpoints as engine
 import eval as eval_script
 import localization as loc
 import run_training
-from common import CutPasteError
+from support.errors import CutPasteError
 
 
 def gen(seed=0):
@@ -273,12 +272,3 @@ def test_image_model_with_gradcam_and_dense(tmp_path, mvtec_root):
         assert frame["localization"].iloc[0] == mode and 0 <= frame["pixel_auroc"].iloc[0] <= 100
         assert frame["image_auroc"].iloc[0] == pytest.approx(plain["image_auroc"].iloc[0])
     assert len(list((tmp_path / "Eval" / "im" / "cap" / "heatmaps").glob("*.png"))) == 1
-
-
-def test_benchmark_script_runs_with_one_progress_bar(capsys):
-    # Small patch batches make each image's scoring long enough for a bar of its own, unless the script stops it.
-    times = bench_localization.main(["--size", "32", "--patch_size", "16", "--stride", "2", "--images", "2",
-                                     "--device", "cpu", "--patch_batch", "4"])
-    assert times.shape == (2,) and (times > 0).all()
-    err = capsys.readouterr().err
-    assert "dense maps" in err and "score test patches" not in err

@@ -11,7 +11,7 @@ import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
 import common
-import engine
+from support import checkpoints as engine
 from model import ProjectionNet, head_layers
 
 

@@ -8,7 +8,7 @@ import eval as eval_script
 import figures
 import reproduce
 import run_training
-from common import CutPasteError
+from support.errors import CutPasteError
 
 TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--test_epochs", "2"]
 

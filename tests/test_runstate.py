@@ -12,11 +12,11 @@ import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
 import common
-import engine
+from support import checkpoints as engine
 import records
 import run_training
 import runstate
-from common import CutPasteError
+from support.errors import CutPasteError
 
 TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--log_every", "2", "--workers", "0",
         "--save_every", "2"]

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-import engine
+from support import checkpoints as engine
 import eval as eval_script
 import run_training
-from common import CutPasteError
+from support.errors import CutPasteError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--no-pretrained", "--log_every", "2",
@@ -153,136 +153,3 @@ def test_demo_runs_end_to_end(tmp_path):
     assert [ln for ln in res.stdout.splitlines() if "AUC" in ln][0].startswith("lid AUC: ")
     assert (tmp_path / "demo_data" / "lid" / "ground_truth" / "stain").is_dir()
     assert (tmp_path / "Eval" / "models_demo" / "lid" / "roc.png").exists()
-
-
-def test_benchmark_smoke(tmp_path, mvtec_root):
-    import benchmark
-    rows = benchmark.main(["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4",
-                           "--steps", "1", "--warmup", "1", "--ref_workers", "0", "--workers", "0",
-                           "--eval_repeats", "1", "--out", str(tmp_path / "bench.md")])
-    for key in ("ours: end-to-end img/s", "ours: pipeline efficiency", "reference: end-to-end img/s",
-                "ours: eval in-process s", "ours: eval command s (python eval.py, plots on)",
-                "ours: eval command floor s (python eval.py --help)",
-                "speed-up eval in-process (reference / ours)", "peak RSS MiB"):
-        assert rows[key] > 0, key
-    assert rows["ours: augmentation aten ops per step"] > 0
-    assert "| ours: model step img/s |" in (tmp_path / "bench.md").read_text()
-
-
-def test_accelerator_jitter_order_dispatches_fewer_ops():
-    """What the stage-by-stage order is for: fewer launches than whole hue groups, counted by the benchmark."""
-    import benchmark
-    import cutpaste
-    images = torch.rand(32, 3, 16, 16)
-    p = cutpaste.sample_jitter(32, torch.Generator().manual_seed(0))
-    factors = torch.stack([p.brightness, p.contrast, p.saturation], dim=1)
-    out, luma = torch.empty_like(images), cutpaste._luma(images)
-    by_group = benchmark.dispatched_ops(lambda: cutpaste._jitter_by_hue_group(images, p, factors, None, out, luma))
-    by_stage = benchmark.dispatched_ops(lambda: cutpaste._jitter_by_stage(images, p, factors, None, out, luma))
-    assert by_stage < 0.8 * by_group  # 299 against 408 (383 against 508 before the hue shift's broadcast)
-
-
-def run_gpu_checks(data_dir, out, category):
-    """gpu_checks.sh shrunk to a CPU smoke run: tiny images, one timed step, three training steps, no compile."""
-    env = {**os.environ, "DEVICE": "cpu", "CATEGORY": category, "SIZE": "64", "STEPS": "1", "WARMUP": "1",
-           "REPEATS": "1", "TRAIN_STEPS": "3", "LOC_IMAGES": "1", "COMPILE": "0", "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(ROOT / "gpu_checks.sh"), str(data_dir), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_gpu_checks_script_runs_every_check(tmp_path, mvtec_root):
-    res = run_gpu_checks(mvtec_root, tmp_path / "out", "lid")
-    assert res.returncode == 0, res.stdout[-2000:]
-    out = tmp_path / "out"
-    assert " passed" in (out / "cuda_tests.txt").read_text()
-    assert "| ours: pipeline efficiency |" in (out / "benchmark_cuda.md").read_text()
-    assert "images/s" in (out / "localization_cuda.txt").read_text()
-    assert "lid AUC: " in (out / "train_eval_cuda.txt").read_text()
-    assert "all checks passed" in (out / "log.txt").read_text()
-
-
-def test_gpu_checks_script_reports_failed_checks(tmp_path, mvtec_root):
-    res = run_gpu_checks(mvtec_root, tmp_path / "out", "no_such_category")
-    assert res.returncode == 1
-    assert "failed: benchmark train eval" in res.stdout
-
-
-def test_timed_alternating_reports_both_calls_and_host_time():
-    import time
-
-    import benchmark
-    (slow, slow_host), (fast, fast_host) = benchmark.timed_alternating(
-        lambda: time.sleep(0.02), lambda: time.sleep(0.001), torch.device("cpu"), steps=3, warmup=1)
-    assert slow >= 0.02 and fast >= 0.001
-    assert 0 < slow_host <= slow and 0 < fast_host <= fast
-
-
-def test_benchmark_auroc_comparison(mvtec_root):
-    import benchmark
-    args = ["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4", "--no-timing",
-            "--auroc_steps", "2", "--auroc_seeds", "0,1", "--ref_workers", "0", "--workers", "0",
-            "--reference_our_step"]
-    rows = benchmark.main(args)
-    assert not any("img/s" in key for key in rows), "--no-timing measures no throughput"
-    for name in ("ours", "reference", "reference augmentation, our step"):
-        scores = [rows[f"{name}: image AUROC after 2 steps, seed {seed}"] for seed in (0, 1)]
-        assert all(0 <= score <= 1 for score in scores)
-        assert rows[f"{name}: mean image AUROC over seeds 0,1"] == pytest.approx(sum(scores) / 2)
-    again = benchmark.main(args)
-    for name in ("ours", "reference", "reference augmentation, our step"):
-        key = f"{name}: image AUROC after 2 steps, seed 0"
-        assert again[key] == rows[key], f"a seed reproduces {name}'s run"
-    for label in ("ours - reference", "reference augmentation, our step - reference",
-                  "ours - reference augmentation, our step"):
-        assert f"{label}: sd of the paired differences" in rows, "two paired seeds get their spread"
-        assert rows[f"{label}: loss of {benchmark.AUROC_MARGIN} or more excluded (95%)"] in ("yes", "no")
-
-
-def test_paired_difference_known_case():
-    import benchmark
-    # differences 0.1, 0, -0.1: mean 0, sd 0.1, so the 95 % interval is +-t(0.975, 2) * 0.1 / sqrt(3).
-    rows = benchmark.paired_difference([0.9, 0.8, 0.7], [0.8, 0.8, 0.8], label="a - b")
-    assert rows["a - b: sd of the paired differences"] == pytest.approx(0.1)
-    assert rows["a - b: paired t statistic"] == pytest.approx(0.0, abs=1e-9)
-    assert rows["a - b: paired t-test p-value"] == pytest.approx(1.0)
-    assert rows["a - b: seeds with a difference >= 0"] == "2 of 3"
-    half = 4.302652729911275 * 0.1 / 3 ** 0.5
-    assert rows["a - b: mean difference, 95% interval"] == f"[{-half:.4f}, {half:.4f}]"
-    shifted = benchmark.paired_difference([0.9, 0.8, 0.7], [0.7, 0.7, 0.7], label="a - b")
-    # differences 0.2, 0.1, 0: t = 0.1 / (0.1 / sqrt(3)); with 2 degrees of freedom p = 1 - t / sqrt(2 + t^2)
-    t = 3 ** 0.5
-    assert shifted["a - b: paired t statistic"] == pytest.approx(t)
-    assert shifted["a - b: paired t-test p-value"] == pytest.approx(1 - t / (2 + t * t) ** 0.5)
-    assert benchmark.paired_difference([0.9], [0.8]) == {}, "one seed has no spread"
-    assert "ours - reference: paired t statistic" not in benchmark.paired_difference([0.9, 0.8], [0.8, 0.7]), \
-        "no spread, no test"
-
-
-def test_paired_difference_non_inferiority():
-    import benchmark
-    # differences 0.1, 0, -0.1: mean 0, standard error 0.1 / sqrt(3), so the one-sided 95 % lower bound is
-    # -t(0.95, 2) * 0.1 / sqrt(3); the test of a loss >= margin has t = margin / (0.1 / sqrt(3)) and, with 2 degrees
-    # of freedom, one-sided p = (1 - t / sqrt(2 + t^2)) / 2.
-    bound = -2.919985580353726 * 0.1 / 3 ** 0.5
-    for margin, excluded in ((0.2, "yes"), (0.1, "no")):
-        rows = benchmark.paired_difference([0.9, 0.8, 0.7], [0.8, 0.8, 0.8], label="a - b", margin=margin)
-        t = margin / (0.1 / 3 ** 0.5)
-        assert rows["a - b: one-sided 95% lower bound of the mean difference"] == pytest.approx(bound)
-        assert rows[f"a - b: p-value of a loss of {margin} or more"] == pytest.approx((1 - t / (2 + t * t) ** 0.5) / 2)
-        assert rows[f"a - b: loss of {margin} or more excluded (95%)"] == excluded
-
-
-def test_benchmark_rejects_a_negative_margin(mvtec_root):
-    import benchmark
-    with pytest.raises(CutPasteError, match="--auroc_margin must be a positive"):
-        benchmark.main(["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--no-timing",
-                        "--auroc_steps", "2", "--auroc_margin", "-0.01", "--workers", "0"])
-
-
-def test_benchmark_table_keeps_small_values_readable():
-    import benchmark
-    # an AUROC's last digit and a small p-value survive; throughputs keep three decimals
-    assert benchmark.format_value(0.98730158) == "0.9873"
-    assert benchmark.format_value(0.000173) == "0.000173"
-    assert benchmark.format_value(25.7) == "25.700"
-    assert benchmark.format_value("yes") == "yes"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from common import code_version
+from support.checkpoints import code_version
 
 # Distributions whose versions decide the numbers a run produces.
 RECORDED_LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "scikit-learn", "scipy", "pandas",

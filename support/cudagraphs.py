@@ -7,7 +7,7 @@ each replay then launches them all in one call.
 """
 import torch
 
-from common import CutPasteError
+from support.errors import CutPasteError
 
 
 class GraphedCall:

@@ -81,3 +81,11 @@ def pro_score(masks, maps, max_fpr: float = PRO_MAX_FPR) -> float:
         return float("nan")
     fpr, pro = pro_curve(masks, maps)
     return area_up_to(fpr, pro, max_fpr) / max_fpr
+
+
+def image_auroc(labels, scores) -> float:
+    """Image-level ROC AUC (defective = positive); NaN when only one class is present."""
+    labels = _numpy(labels).ravel()
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, _numpy(scores).astype(np.float64).ravel()))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import CutPasteError
+from support.errors import CutPasteError
 
 # The official archive (Bergmann et al., CVPR 2019), as other tools fetch it, and its SHA-256.
 MVTEC_URL = ("https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/"

@@ -2,7 +2,7 @@
 
 A training state (``<model_dir>/<category>.state.pt``) holds everything the loop needs to go on
 exactly where it stopped: weights, optimizer, scheduler, the step, the augmentation generator's
-state and torch's global random state. It is written atomically (common.atomic_save), so a crash
+state and torch's global random state. It is written atomically (checkpoints.atomic_save), so a crash
 or a full disk during a write leaves the previous state intact. On the CPU with a fixed seed a
 resumed run ends bit-identical to an uninterrupted one.
 
@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-import engine
-from common import CutPasteError, atomic_save, code_version
+from support.checkpoints import atomic_save, code_version, scan
+from support.errors import CutPasteError
 
 # Bumped when the state layout changes in a way old readers cannot follow.
 STATE_FORMAT = 1
 STATE_KIND = "cutpaste-training-state"
 # The settings that make two trainings of a category the same run: a state or a checkpoint made
 # with other values of these is not continued or counted as finished.
-RUN_KEYS = ("variant", "epochs", "batch_size", "lr", "optim", "pretrained", "freeze_resnet", "head_layer",
-            "size", "seed")
+RUN_KEYS = ("variant", "epochs", "batch_size", "lr", "optim", "arch", "pretrained", "freeze_resnet", "head_layer",
+            "size", "patch_size", "seed")
 
 
 class Interrupted(Exception):
@@ -120,12 +120,12 @@ def restore(state: dict, path: Path, model, opt, sched, gen: torch.Generator, de
 
 
 def finished_checkpoints(model_dir: Path, args) -> dict[str, Path]:
-    """Per category, a checkpoint in `model_dir` made with this run's settings (the newest by name)."""
+    """Per category, the newest checkpoint in `model_dir` made with this run's settings."""
     found = {}
-    for path in sorted(Path(model_dir).glob("*.tch")) if Path(model_dir).is_dir() else []:
-        ckpt = engine.read_checkpoint(path)
-        if not config_differences(ckpt["config"], args):
-            found[ckpt["category"]] = path
+    for category, items in scan(model_dir).items():
+        same = [path for path, ckpt in items if not config_differences(ckpt["config"], args)]
+        if same:
+            found[category] = same[-1]
     return found
 
 

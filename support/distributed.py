@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common import CutPasteError
+from support.errors import CutPasteError
 
 # Ranks wait for each other only once, at the end; a rank with fewer or faster categories may
 # wait hours for the slowest, so the group's timeout is generous.

@@ -1,0 +1,207 @@
+"""Self-describing checkpoints: weights, config, category, density and code version in one file.
+
+Evaluation and prediction rebuild the model from what the file says; loading is strict and uses
+`weights_only=True`. Also here: the one atomic write, the one scan of a checkpoint folder, and
+torchvision's ImageNet weights read from its cache (they cannot be fetched on every machine).
+"""
+import contextlib
+import datetime
+import os
+import socket
+import subprocess
+import tempfile
+import urllib.error
+from pathlib import Path
+
+import torch
+from torchvision.models import get_model_weights
+
+import density as density_lib
+from model import IMAGENET_MEAN, IMAGENET_STD, ProjectionNet, head_layers
+from support.errors import CutPasteError
+from support.options import DEFAULT_ARCH
+
+# Bumped when the checkpoint layout changes in a way old readers cannot follow.
+CHECKPOINT_FORMAT = 1
+# Keys every checkpoint holds; a file without them is not one of ours.
+CHECKPOINT_KEYS = ("format", "category", "config", "model", "state_dict", "density")
+# How long a weights download may stall before a clear message instead of a hang on a machine without network.
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write, mode: str = "wb") -> None:
+    """write(file) into a temporary file beside `path`, fsync, then rename over `path`.
+
+    A crash or a full disk mid-write leaves any previous file at `path` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shared folders stay shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def code_version() -> str:
+    """The git commit of this code (with '-dirty' when modified), or 'unknown' outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here,
+                             capture_output=True, text=True, timeout=5, check=True)
+        return rev.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_pretrained_state(weights) -> dict:
+    """An ImageNet state dict from torchvision's cache; one download is tried, with a timeout, when absent."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not path.exists():
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), progress=True)
+        except (urllib.error.URLError, OSError, TimeoutError) as err:
+            raise CutPasteError(
+                f"ImageNet weights are not cached at {path} and could not be downloaded ({err}); "
+                f"download {weights.url} to that path (or set TORCH_HOME), or train with --no-pretrained"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CutPasteError(f"cannot read ImageNet weights {path} ({err}); delete it and retry") from None
+
+
+def build_model(head_layer: int, num_classes: int, arch: str = DEFAULT_ARCH) -> ProjectionNet:
+    try:
+        return ProjectionNet(head_layers(head_layer), num_classes, arch)
+    except ValueError as err:
+        raise CutPasteError(f"--arch {arch}: {err}; give a torchvision classification model such as "
+                            f"resnet18, resnet50 or efficientnet_b0 ... efficientnet_b4") from None
+
+
+def load_imagenet_backbone(model: ProjectionNet) -> None:
+    """torchvision's default ImageNet weights of the model's architecture, less the classifier, into the backbone."""
+    state = load_pretrained_state(get_model_weights(model.arch).DEFAULT)
+    state = {k: v for k, v in state.items() if not k.startswith(f"{model.classifier_name}.")}
+    model.backbone.load_state_dict(state, strict=True)
+
+
+def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, density, train_scores,
+                    **extra) -> dict:
+    """A self-describing checkpoint: weights, the full config, the fitted density, the code version."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
+    return {
+        "format": CHECKPOINT_FORMAT, "code_version": code_version(),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "category": category, "variant": args.variant, "size": args.size,
+        "patch_size": args.patch_size,  # 0: an image-level model; else trained on patches of this side
+        "seed": args.seed, "steps": steps, "config": config,
+        "model": {"arch": model.arch, "head_layer": args.head_layer, "head_dims": head_layers(args.head_layer),
+                  "num_classes": model.out.out_features, "embed_dim": model.embed_dim},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "density": density.state_dict(),
+        "train_scores": train_scores.detach().float().cpu(),
+        **extra,
+    }
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load and validate a checkpoint file (tensors on the CPU); errors name the file."""
+    try:
+        # mmap: only the tensors used are read, so matching a category among many checkpoints is cheap.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CutPasteError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:200]}); "
+                            f"it may be truncated or not a CutPaste checkpoint: retrain or remove it") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CutPasteError(f"{path} is not a checkpoint of this project (missing {', '.join(missing)}); "
+                            f"remove it from the model folder or retrain")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CutPasteError(f"{path} has checkpoint format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}; "
+                            f"retrain it with this version")
+    return ckpt
+
+
+def scan(model_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
+    """Every checkpoint in `model_dir` per category (the one stored inside each file), oldest first."""
+    model_dir = Path(model_dir)
+    found: dict[str, list[tuple[Path, dict]]] = {}
+    for path in sorted(model_dir.glob("*.tch")) if model_dir.is_dir() else []:
+        ckpt = read_checkpoint(path)
+        found.setdefault(ckpt["category"], []).append((path, ckpt))
+    return {cat: sorted(items, key=lambda pc: (pc[1]["created"], pc[0].name)) for cat, items in found.items()}
+
+
+def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
+    """The model rebuilt from the layout the checkpoint declares, its weights loaded strictly."""
+    layout = ckpt["model"]
+    model = build_model(layout["head_layer"], layout["num_classes"], layout.get("arch", DEFAULT_ARCH))
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise CutPasteError(f"{path} does not match the model layout it declares ({first[:200]}); "
+                            f"it was written by other code: retrain it") from None
+    return model
+
+
+def density_from_checkpoint(ckpt: dict, path: Path, device: torch.device) -> density_lib.GaussianDensityTorch:
+    """The image-level Gaussian fitted on the clean training embeddings at the end of training, on `device`."""
+    if ckpt.get("patch_size", 0):
+        raise CutPasteError(f"{path} is a patch-level model (--patch_size {ckpt['patch_size']}): it scores an image "
+                            f"by the maximum of its anomaly map; evaluate it with eval.py --localization dense")
+    state = ckpt["density"]
+    mean, precision = state.get("mean"), state.get("precision")
+    dim = ckpt["model"].get("embed_dim", None if mean is None else mean.shape[-1])
+    if mean is None or tuple(mean.shape) != (dim,) or precision is None or tuple(precision.shape) != (dim, dim):
+        raise CutPasteError(f"{path} holds no Gaussian of {dim}-d embeddings (written by other code); retrain it, "
+                            f"or refit the Gaussian with eval.py --density torch")
+    return density_lib.GaussianDensityTorch.from_state_dict(state, device)
+
+
+def by_category(model_dir: Path, wanted: list[str] | None) -> dict[str, list[tuple[Path, dict]]]:
+    """scan() of the `wanted` categories (None: all found); errors name the folder and the fix."""
+    if not Path(model_dir).is_dir():
+        raise CutPasteError(f"model folder {model_dir} does not exist; train first or pass --model_dir")
+    found = scan(model_dir)
+    if not found:
+        raise CutPasteError(f"found 0 checkpoints (*.tch) in {model_dir}; train with run_training.py first")
+    missing = [cat for cat in wanted or () if cat not in found]
+    if missing:
+        raise CutPasteError(f"no checkpoint for category {missing[0]!r} in {model_dir} "
+                            f"(found: {', '.join(sorted(found))}); train it or drop it from --type")
+    return {cat: found[cat] for cat in (wanted if wanted is not None else found)}
+
+
+def newest(model_dir: Path, wanted: list[str] | None) -> dict[str, tuple[Path, dict]]:
+    """The newest checkpoint of each `wanted` category in `model_dir` (with a note where there are several)."""
+    chosen = {}
+    for cat, candidates in by_category(model_dir, wanted).items():
+        if len(candidates) > 1:
+            print(f"note: {len(candidates)} checkpoints for {cat}; using the newest, {candidates[-1][0].name}")
+        chosen[cat] = candidates[-1]
+    return chosen

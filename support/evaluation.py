@@ -1,0 +1,337 @@
+"""Evaluation behind eval.py (and reproduce.py): image AUROC per category, plots, and a table beside the
+paper's; with anomaly maps (patches.py, gradcam.py) also pixel AUROC, PRO and heatmap figures.
+"""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import dataset
+import density as density_lib
+from support import checkpoints, gradcam, metrics, patches, plots
+from support.errors import CutPasteError
+from support.options import (CHECKPOINT_DENSITY, DENSITY_ESTIMATORS, LOCALIZATION_MODES, PAPER_TABLE1, PAPER_TABLE2,
+                             PATCH_DENSITIES)
+from support.runtime import choose, describe, embed_images, memory_format, resolve_device
+
+# Localization columns of the results tables (present when a category was localized) and their titles.
+PIXEL_COLUMNS = {"pixel_auroc": "pixel AUROC (%)", "pro": "PRO (%)",
+                 "paper_pixel_auroc": "Li et al. Table 2 pixel AUROC (%)", "map_image_auroc": "map-max image AUROC (%)"}
+# Li et al., appendix A.5: for "aligned objects" one Gaussian per location; for the randomly rotated
+# objects (hazelnut, screw) and the textures, one Gaussian for all locations.
+ALIGNED_CATEGORIES = ("bottle", "cable", "capsule", "metal_nut", "pill", "toothbrush", "transistor", "zipper")
+# Dense scoring of an image-level model uses patches of this fraction of the image side (64 of 256).
+IMAGE_MODEL_PATCH_FRACTION = 0.25
+# Quantiles of a category's map values that span the colour scale of its heatmap figures.
+HEATMAP_PERCENTILES = (0.01, 0.99)
+
+
+def paper_value(table_path: Path, category: str, column: str) -> float:
+    """The paper's figure (%) for this category and column (a variant, or a localization mode) in one of its
+    tables (doc/paper_table1.csv, paper_table2.csv); NaN where it gives none."""
+    table = pd.read_csv(table_path, comment="#").set_index("category")
+    if column not in table.columns or category not in table.index:
+        return float("nan")
+    return float(table.loc[category, column])
+
+
+def save_plots(out: Path, category: str, test_set, scores: np.ndarray, auroc: float,
+               test_emb: np.ndarray | None) -> None:
+    labels = test_set.labels.numpy()
+    if len(set(labels.tolist())) == 2:
+        plots.plot_roc(labels, scores, auroc, f"{category}: image ROC", out / "roc.png")
+    plots.plot_score_hist(scores, test_set.defects, f"{category}: anomaly scores", out / "score_hist.png")
+    if test_emb is not None:
+        plots.plot_tsne(test_emb, [f"test {d}" for d in test_set.defects], f"{category}: t-SNE of test embeddings",
+                        out / "tsne.png")
+
+
+def load_model(args, ckpt: dict, path: Path, device: torch.device):
+    model = checkpoints.model_from_checkpoint(ckpt, path)
+    return model.to(device, memory_format=memory_format(args.channels_last)).eval()
+
+
+def image_density(args, ckpt: dict, path: Path, model, train_u8: torch.Tensor | None, device: torch.device):
+    """The Gaussian of the clean image embeddings (section 3.3), the checkpoint's or refit on `train_u8`, and
+    the clean training images' scores (N,) under it, on the CPU."""
+    if args.density == CHECKPOINT_DENSITY:
+        return checkpoints.density_from_checkpoint(ckpt, path, device), ckpt["train_scores"].float()
+    train_emb = embed_images(model, train_u8, device, args.amp, args.channels_last)
+    density, train_scores = density_lib.fit_and_score(train_emb, train_emb, args.density)
+    return density, train_scores.float().cpu()
+
+
+def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch.device) -> dict:
+    """Score one category's test images with its checkpoint: Mahalanobis distances of the image embeddings or,
+    for a patch-level model, the maxima of its anomaly maps (section 4.2); AUROC, plots, pixel metrics."""
+    model = load_model(args, ckpt, path, device)
+    size, patch_size = ckpt["size"], ckpt.get("patch_size", 0)
+    mode = resolve_mode(args.localization, patch_size, path)
+    test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers)
+    needs_train = mode == "dense" or (not patch_size and args.density != CHECKPOINT_DENSITY)
+    train_u8 = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if needs_train else None
+    density = test_emb = None
+    if not patch_size:
+        density, _ = image_density(args, ckpt, path, model, train_u8, device)
+        test_emb = embed_images(model, test_set.images, device, args.amp, args.channels_last)
+        scores = density.score(density_lib.normalize(test_emb))
+    maps, how = compute_maps(mode, category, model, train_u8, test_set.images, patch_size, args, device, density)
+    if patch_size:
+        scores = maps.amax(dim=(1, 2))
+    scores = scores.float().cpu().numpy()
+    auroc = metrics.image_auroc(test_set.labels, scores)
+    print(f"{category} AUC: {auroc}")
+    out = args.out_dir / args.model_dir.name / category
+    if args.save_plots:
+        save_plots(out, category, test_set, scores, auroc, None if test_emb is None else test_emb.cpu().numpy())
+    row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
+           "paper_image_auroc": float("nan") if patch_size else paper_value(PAPER_TABLE1, category, ckpt["variant"]),
+           "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,
+           "patch_size": patch_size}
+    if maps is not None:
+        row.update(report(category, test_set, maps, how, out, bool(args.save_plots), args.max_heatmaps))
+    return row
+
+
+def _pct(value: float) -> str:
+    return "" if pd.isna(value) else f"{value:.1f}"
+
+
+def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
+    """results.csv and results.md: AUROC (%) per category and the mean, beside the paper's."""
+    frame = pd.DataFrame(rows)
+    mean = {"category": "mean", "image_auroc": frame["image_auroc"].mean(),
+            "paper_image_auroc": frame["paper_image_auroc"].mean()}
+    mean.update({col: frame[col].mean() for col in PIXEL_COLUMNS if col in frame})
+    frame = pd.concat([frame, pd.DataFrame([mean])], ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "results.csv", index=False)
+    shown = pd.DataFrame({
+        "category": frame["category"],
+        "variant": frame["variant"].fillna(""),
+        "image AUROC (%)": frame["image_auroc"].map(_pct),
+        "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
+        "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s))),
+    })
+    for col, title in PIXEL_COLUMNS.items():
+        if col in frame:
+            shown[title] = frame[col].map(_pct)
+    (out / "results.md").write_text(shown.to_markdown(index=False, stralign="right") + "\n")
+    return frame
+
+
+def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, device: torch.device):
+    """One ensemble member's (clean training scores, test scores, test set) from its Gaussian (as for a single
+    model); `data` caches the decoded images per image size across members."""
+    model = load_model(args, ckpt, path, device)
+    size, refit = ckpt["size"], args.density != CHECKPOINT_DENSITY
+    if size not in data or (refit and data[size][0] is None):
+        train = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if refit else None
+        data[size] = (train, dataset.MVTecTest(args.data_dir, category, size, args.workers))
+    train_u8, test_set = data[size]
+    density, train_scores = image_density(args, ckpt, path, model, train_u8, device)
+    test_emb = embed_images(model, test_set.images, device, args.amp, args.channels_last)
+    return train_scores, density.score(density_lib.normalize(test_emb)).float().cpu(), test_set
+
+
+def _common(values: list):
+    """The value all members share, or NaN when they differ."""
+    return values[0] if len(set(values)) == 1 else float("nan")
+
+
+def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], device: torch.device) -> dict:
+    """Image AUROC of the members' standardised scores averaged (density_lib.ensemble_scores), beside the members' own."""
+    data, pairs, singles = {}, [], []
+    for path, ckpt in members:
+        train_scores, test_scores, test_set = member_scores(args, category, path, ckpt, data, device)
+        pairs.append((train_scores, test_scores))
+        singles.append(100 * metrics.image_auroc(test_set.labels, test_scores))
+    scores = density_lib.ensemble_scores(pairs).numpy()
+    auroc = metrics.image_auroc(test_set.labels, scores)
+    spread = float(np.std(singles, ddof=1)) if len(singles) > 1 else float("nan")
+    print(f"{category} AUC: {auroc}")
+    print(f"  ensemble of {len(members)}: single-model AUROC {np.mean(singles):.2f} +- {spread:.2f}% "
+          f"(min {np.min(singles):.2f}, max {np.max(singles):.2f})")
+    if args.save_plots:
+        out = args.out_dir / f"{args.model_dir.name}_ensemble" / category
+        if len(set(test_set.labels.tolist())) == 2:
+            plots.plot_roc(test_set.labels.numpy(), scores, auroc, f"{category}: ensemble image ROC", out / "roc.png")
+        plots.plot_score_hist(scores, test_set.defects, f"{category}: ensemble scores (standardised)",
+                              out / "score_hist.png")
+    variants = sorted({ckpt["variant"] for _, ckpt in members})
+    return {"category": category, "variant": "+".join(variants), "image_auroc": 100 * auroc,
+            "paper_image_auroc": paper_value(PAPER_TABLE1, category, "ensemble"), "models": len(members),
+            "seeds": "+".join(str(ckpt["seed"]) for _, ckpt in members),
+            "single_image_auroc_mean": float(np.mean(singles)), "single_image_auroc_std": spread,
+            "steps": _common([ckpt["steps"] for _, ckpt in members]),
+            "size": _common([ckpt["size"] for _, ckpt in members]), "density": args.density,
+            "checkpoint": " ".join(path.name for path, _ in members)}
+
+
+def ensemble_main(args, wanted: list[str] | None, device: torch.device) -> pd.DataFrame:
+    """--ensemble: one ensemble of every checkpoint per category in --model_dir."""
+    groups = checkpoints.by_category(args.model_dir, wanted)
+    rows = [evaluate_ensemble(args, category, members, device) for category, members in groups.items()]
+    out = args.out_dir / f"{args.model_dir.name}_ensemble"
+    frame = write_tables(rows, out)
+    print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories "
+          f"(ensembles); tables in {out}")
+    return frame
+
+
+def resolve_mode(requested: str, patch_size: int, path) -> str:
+    """--localization: 'auto' is dense for patch-level models and none for image-level ones."""
+    if requested not in LOCALIZATION_MODES:
+        raise CutPasteError(f"unknown --localization {requested!r}; choose one of {', '.join(LOCALIZATION_MODES)}")
+    if requested == "auto":
+        return "dense" if patch_size else "none"
+    if requested == "gradcam" and patch_size:
+        raise CutPasteError(f"{path} is a patch-level model (--patch_size {patch_size}); GradCAM explains "
+                            f"image-level models: use --localization dense for it")
+    if requested == "none" and patch_size:
+        raise CutPasteError(f"{path} is a patch-level model (--patch_size {patch_size}); its image score comes "
+                            f"from its anomaly map: use --localization dense (or auto)")
+    return requested
+
+
+def dense_patch_size(patch_size: int, image_size: int) -> int:
+    """The checkpoint's patch size; for an image-level model, a quarter of the image side (64 of 256)."""
+    return patch_size or max(1, round(image_size * IMAGE_MODEL_PATCH_FRACTION))
+
+
+def scorable_images(test_set, category: str) -> torch.Tensor:
+    """(N,) bool: images whose pixels can be scored. Good images without a mask are all-good pixels;
+    defective images without a usable mask are left out of the pixel metrics, with a warning."""
+    keep = test_set.has_mask.clone()
+    dropped = [str(test_set.items[i].path) for i in torch.nonzero(~keep).flatten().tolist()]
+    if dropped:
+        warnings.warn(f"{category}: {len(dropped)} defective test image(s) have no usable mask and are left out "
+                      f"of the pixel metrics: {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
+    return keep
+
+
+def pixel_metrics(masks: torch.Tensor, maps: torch.Tensor) -> dict:
+    """Pixel AUROC and PRO (metrics.py) of the maps against the masks, as fractions."""
+    masks_np, maps_np = masks.cpu().numpy().astype(bool), maps.cpu().numpy()
+    return {"pixel_auroc": metrics.pixel_auroc(masks_np, maps_np), "pro": metrics.pro_score(masks_np, maps_np)}
+
+
+def heatmap_indices(n: int, limit: int) -> list[int]:
+    """At most `limit` test images spread evenly over the sorted test set (so over good and each defect type)."""
+    if limit <= 0 or n == 0:
+        return []
+    return sorted(set(np.linspace(0, n - 1, min(limit, n)).round().astype(int).tolist()))
+
+
+def display_range(maps: torch.Tensor) -> tuple[float, float]:
+    """One colour scale for all heatmaps of a category: the 1st to the 99th percentile of its map values,
+    so that good images look calm and the few most extreme pixels cannot wash every other map out."""
+    sample = maps.flatten()
+    if sample.numel() > 2_000_000:
+        sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    lo, hi = torch.quantile(sample.double(), torch.tensor(HEATMAP_PERCENTILES, dtype=torch.float64)).tolist()
+    return lo, hi if hi > lo else lo + 1e-6
+
+
+def check_eval_args(args) -> None:
+    """eval.py's localization flags, validated with a message that names the flag."""
+    for name in ("stride", "cell_stride", "patch_batch"):
+        if getattr(args, name) < 1:
+            raise CutPasteError(f"--{name} {getattr(args, name)} is out of range; give a positive number")
+    if args.max_heatmaps < 0:
+        raise CutPasteError(f"--max_heatmaps {args.max_heatmaps} is negative; give 0 (no heatmaps) or more")
+
+
+def use_local_density(patch_density: str, category: str) -> bool:
+    """--patch_density: 'auto' is per-location for the aligned objects of appendix A.5, shared otherwise."""
+    if patch_density not in PATCH_DENSITIES:
+        raise CutPasteError(f"unknown --patch_density {patch_density!r}; choose one of {', '.join(PATCH_DENSITIES)}")
+    return patch_density == "local" or (patch_density == "auto" and category in ALIGNED_CATEGORIES)
+
+
+def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor | None, test_u8: torch.Tensor,
+                 patch_size: int, args, device: torch.device, density=None):
+    """Anomaly maps (N, H, W) of the test images for --localization `mode` (None for 'none'), and what made
+    them: {"localization": mode, "patch_density": "local", "shared" or ""}.
+
+    Dense scoring fits its patch Gaussians on the clean training images `train_u8`; GradCAM's 'density' target
+    is the image-level Gaussian `density` (a torch or sklearn estimator from density.py).
+
+    args supplies eval.py's stride, patch_density, cell_stride, density, patch_batch, gradcam_target, amp and
+    channels_last."""
+    info = {"localization": mode, "patch_density": ""}
+    if mode == "gradcam":
+        info["gradcam_target"] = args.gradcam_target
+        torch_density = None if density is None else density_lib.as_torch(density, device)  # differentiable
+        target = gradcam.gradcam_target(args.gradcam_target, torch_density)
+        return gradcam.gradcam_maps(model, test_u8, target, device, args.amp, args.channels_last), info
+    if mode == "dense":
+        local = use_local_density(args.patch_density, category)
+        info["patch_density"] = "local" if local else "shared"
+        runner = patches.Runner(model, device, args.amp, args.channels_last, args.patch_batch)
+        patch = dense_patch_size(patch_size, test_u8.shape[-1])
+        kind = args.density if args.density in DENSITY_ESTIMATORS else "torch"  # patch Gaussians are refitted
+        return patches.dense_maps(runner, train_u8, test_u8, patch, args.stride, kind, local, args.cell_stride), info
+    return None, info
+
+
+def report(category: str, test_set, maps: torch.Tensor, info: dict, out: Path, save_plots: bool,
+           max_heatmaps: int) -> dict:
+    """Pixel metrics of the maps (in %), the image AUROC of the maps' maxima, and the figures under `out`:
+    pixel_roc.png and heatmaps/<defect>_<image>.png for at most `max_heatmaps` test images."""
+    keep = scorable_images(test_set, category)
+    masks = test_set.masks[keep]
+    scores = pixel_metrics(masks, maps[keep])
+    mode = info["localization"]
+    row = {**info, "pixel_auroc": 100 * scores["pixel_auroc"], "pro": 100 * scores["pro"],
+           "paper_pixel_auroc": paper_value(PAPER_TABLE2, category, mode),
+           "map_image_auroc": 100 * metrics.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))}
+    how = {"dense": f"dense, {info['patch_density']} Gaussian",
+           "gradcam": f"GradCAM of the {info.get('gradcam_target')} score"}.get(mode, mode)
+    print(f"{category} pixel AUROC: {scores['pixel_auroc']:.4f}  PRO: {scores['pro']:.4f}  ({how})")
+    if save_plots:
+        labels = masks.flatten().numpy()
+        if 0 < labels.sum() < labels.size:
+            plots.plot_roc(labels, maps[keep].flatten().numpy(), scores["pixel_auroc"],
+                           f"{category}: pixel ROC ({mode})", out / "pixel_roc.png")
+        save_heatmaps(test_set, maps, out / "heatmaps", max_heatmaps)
+    return row
+
+
+def save_heatmaps(test_set, maps: torch.Tensor, folder: Path, limit: int) -> list[Path]:
+    """Image, mask and overlay for at most `limit` test images, on one colour scale for the category."""
+    vmin, vmax = display_range(maps)
+    paths = []
+    for i in heatmap_indices(len(test_set), limit):
+        item = test_set.items[i]
+        mask = test_set.masks[i].numpy() if bool(test_set.has_mask[i]) else None
+        paths.append(plots.plot_heatmap(test_set.images[i].permute(1, 2, 0).numpy(), mask, maps[i].numpy(),
+                                        vmin, vmax, f"{item.defect}/{item.path.name}",
+                                        folder / f"{item.defect}_{item.path.stem}.png"))
+    return paths
+
+
+def run(args) -> pd.DataFrame:
+    """eval.py: evaluate every chosen category (or ensemble) and write the tables."""
+    check_eval_args(args)
+    device = resolve_device(args.device, args.cuda)
+    choose(args, device)
+    print(f"evaluating {args.model_dir} on {describe(device, args.amp, args.channels_last)}")
+    wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type)
+    if args.ensemble:
+        return ensemble_main(args, wanted, device)
+    chosen = checkpoints.newest(args.model_dir, wanted)
+    rows = []
+    for category, (path, ckpt) in chosen.items():
+        if args.head_layer is not None and args.head_layer != ckpt["model"]["head_layer"]:
+            print(f"note: --head_layer {args.head_layer} ignored; {path.name} was trained with "
+                  f"--head_layer {ckpt['model']['head_layer']}")
+        rows.append(evaluate_category(args, category, path, ckpt, device))
+    frame = write_tables(rows, args.out_dir / args.model_dir.name)
+    print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories; "
+          f"tables in {args.out_dir / args.model_dir.name}")
+    return frame
+
+

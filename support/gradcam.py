@@ -1,0 +1,79 @@
+"""GradCAM (Selvaraju et al., ICCV 2017) anomaly maps for image-level models (Li et al., section 4.2 and
+figure 5): the last convolutional block's feature maps weighted by the gradients of the detector's score.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import density as density_lib
+from support.errors import CutPasteError
+from support.runtime import autocast, memory_format
+
+# Images per forward/backward pass.
+GRADCAM_BATCH = 16
+POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
+def augmented_log_odds(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """GradCAM target 'logit': (B, K) logits -> (B,) log-odds that an image is augmented (any class > 0)
+    rather than clean (class 0), as the self-supervised classifier sees it."""
+    return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
+
+
+def density_target(density: density_lib.GaussianDensityTorch):
+    """GradCAM target 'density': the anomaly detector's own score, the negative Gaussian log-density of the
+    L2-normalised embedding up to a constant, (f - mu)^T Sigma^-1 (f - mu) / 2 (section 2.3, equation 2)."""
+    def target(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        diff = density_lib.normalize(embeds) - density.mean
+        return 0.5 * torch.einsum("nd,de,ne->n", diff, density.precision, diff)
+    return target
+
+
+def _capture_last_feature_maps(backbone: nn.Module, captured: dict) -> list:
+    """Hooks that leave in captured["features"] the output of the last of the backbone's top-level blocks, in
+    the order they run, that yields (B, C, h, w) feature maps: layer4 of a ResNet, `features` of an
+    EfficientNet, MobileNet or ConvNeXt. Pooling layers are not blocks."""
+    def keep(module, _inputs, out):
+        if torch.is_tensor(out) and out.dim() == 4 and not isinstance(module, POOLING):
+            captured["features"] = out
+    return [child.register_forward_hook(keep) for child in backbone.children()]
+
+
+def gradcam_maps(model, images_u8: torch.Tensor, target, device: torch.device, amp: bool, channels_last: bool,
+                 batch: int = GRADCAM_BATCH) -> torch.Tensor:
+    """GradCAM heatmaps (N, H, W): the last convolutional block's feature maps weighted by the spatial mean of
+    their gradients of target(embeds (B, D), logits (B, K)) -> (B,), summed over channels, ReLU'd and
+    bilinearly resized to the image. Maps are not normalised per image, so pixel metrics compare them."""
+    was_training = model.training
+    model.eval()
+    captured = {}
+    hooks = _capture_last_feature_maps(model.backbone, captured)
+    maps = []
+    try:
+        for start in range(0, images_u8.shape[0], batch):
+            x = images_u8[start:start + batch].to(device).float().div_(255)
+            x = x.contiguous(memory_format=memory_format(channels_last))
+            with torch.enable_grad(), autocast(device, amp):
+                embeds, logits = model(x)
+                if "features" not in captured:
+                    raise CutPasteError(f"GradCAM needs a backbone with convolutional feature maps; {model.arch} "
+                                        f"has none: use --localization dense")
+                features = captured["features"]
+                (grads,) = torch.autograd.grad(target(embeds.float(), logits.float()).sum(), features)
+            weights = grads.float().mean(dim=(2, 3), keepdim=True)
+            cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
+            maps.append(F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return torch.cat(maps)
+
+
+def gradcam_target(name: str, density: density_lib.GaussianDensityTorch | None = None):
+    """--gradcam_target: 'density' (the detector's Gaussian of the clean training embeddings) or 'logit'."""
+    if name == "logit":
+        return augmented_log_odds
+    if density is None:
+        raise ValueError("GradCAM target 'density' needs the image-level Gaussian")
+    return density_target(density)

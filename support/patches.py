@@ -1,0 +1,187 @@
+"""Patch-level CutPaste (Li et al., CVPR 2021, sections 2.4 and 4.2): training batches of random crops, and
+dense anomaly maps from every patch's Gaussian score, upsampled over its receptive field.
+
+Shapes: images are uint8 (N, 3, H, W); anomaly maps are float32 (N, H, W) on the CPU, larger = more
+anomalous. The model is model.ProjectionNet (any input size: the backbone pools globally).
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import density as density_lib
+from cutpaste import augment_batch, sample_indices
+from support.errors import CutPasteError
+from support.options import CELL_STRIDE, PATCH_BATCH
+from support.runtime import autocast, memory_format
+
+# Width of the Gaussian that spreads each patch score over its receptive field (the patch), as the
+# receptive-field upsampling of Liznerski et al. (FCDD, ICLR 2021) that section 4.2 cites.
+SMOOTHING_SIGMA = 4.0
+
+# ---- patch-level training (section 2.4, equation 3) ----
+
+def sample_crops(n: int, img_h: int, img_w: int, patch: int, gen: torch.Generator):
+    """Top-left corners (top, left), each (n,) long, of patch x patch crops uniform over the image."""
+    top = torch.randint(img_h - patch + 1, (n,), generator=gen, device=gen.device)
+    left = torch.randint(img_w - patch + 1, (n,), generator=gen, device=gen.device)
+    return top, left
+
+
+def apply_crops(images: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+                patch: int) -> torch.Tensor:
+    """Crops (B, C, patch, patch) of images[idx[b]] at (top[b], left[b]), gathered in one indexing op."""
+    offsets = torch.arange(patch, device=images.device)
+    rows = (top.to(images.device).view(-1, 1) + offsets).view(-1, 1, patch, 1)
+    cols = (left.to(images.device).view(-1, 1) + offsets).view(-1, 1, 1, patch)
+    chans = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+    return images[idx.to(images.device).view(-1, 1, 1, 1), chans, rows, cols]
+
+
+def make_patch_batch(images_u8: torch.Tensor, variant: str, batch_size: int, patch: int, gen: torch.Generator):
+    """A batch for the patch-level model: random patch x patch crops c(x), then CutPaste inside each crop.
+
+    Returns x (k * batch_size, 3, patch, patch) float in [0, 1] and labels, as cutpaste.make_batch.
+    """
+    n, _, h, w = images_u8.shape
+    idx = sample_indices(n, batch_size, gen)
+    top, left = sample_crops(batch_size, h, w, patch, gen)
+    crops = apply_crops(images_u8, idx, top, left, patch)
+    return augment_batch(crops.float().div_(255), variant, gen)
+
+
+# ---- dense scoring ----
+
+def patch_positions(size: int, patch: int, stride: int) -> torch.Tensor:
+    """Patch starts along one side: every `stride` pixels, plus the last one flush with the border."""
+    if not 0 < patch <= size:
+        raise CutPasteError(f"patch size {patch} does not fit images of {size} px; use a patch size <= {size}")
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return torch.tensor(starts)
+
+
+def grid_crops(n: int, height: int, width: int, patch: int, stride: int):
+    """(image, top, left) index tensors of every patch on the stride grid of n images, in (image, row, col) order."""
+    ys, xs = patch_positions(height, patch, stride), patch_positions(width, patch, stride)
+    img = torch.arange(n).repeat_interleave(len(ys) * len(xs))
+    return img, ys.repeat_interleave(len(xs)).repeat(n), xs.repeat(n * len(ys))
+
+
+def cell_crops(n: int, height: int, width: int, patch: int, cell_stride: int, seed: int = 0):
+    """(image, top, left, cell): one patch per image and location cell, moved from the cell's grid position by
+    a seeded random offset in [-cell_stride/2, cell_stride/2) on each axis (clamped into the image).
+
+    Cells are the patch grid at `cell_stride`, numbered row by row. The offsets make the clean patches
+    cover every position, not only the grid's: on aligned objects, test patches at positions never seen
+    in training would look anomalous everywhere."""
+    ys, xs = patch_positions(height, patch, cell_stride), patch_positions(width, patch, cell_stride)
+    cells = len(ys) * len(xs)
+    cell = torch.arange(cells).repeat(n)
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(-(cell_stride // 2), cell_stride - cell_stride // 2, (2, n * cells), generator=gen)
+    top = (ys[cell // len(xs)] + offsets[0]).clamp(0, height - patch)
+    left = (xs[cell % len(xs)] + offsets[1]).clamp(0, width - patch)
+    return torch.arange(n).repeat_interleave(cells), top, left, cell
+
+
+def nearest_cells(height: int, width: int, patch: int, stride: int, cell_stride: int) -> torch.Tensor:
+    """(rows * cols,) the location cell nearest to each patch of the stride grid, row by row."""
+    ys, xs = patch_positions(height, patch, stride), patch_positions(width, patch, stride)
+    cy, cx = patch_positions(height, patch, cell_stride), patch_positions(width, patch, cell_stride)
+    iy = (ys.view(-1, 1) - cy.view(1, -1)).abs().argmin(dim=1)
+    ix = (xs.view(-1, 1) - cx.view(1, -1)).abs().argmin(dim=1)
+    return (iy.view(-1, 1) * len(cx) + ix.view(1, -1)).flatten()
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How patches go through the network: the model, its device, bf16 autocast, memory format, batch size, and
+    whether long passes show a progress bar (a caller with a bar of its own turns it off)."""
+    model: torch.nn.Module
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+    batch: int = PATCH_BATCH
+    progress: bool = True
+
+    @torch.inference_mode()
+    def over_crops(self, images_u8: torch.Tensor, crops, patch: int, reduce, desc: str = "patches"):
+        """torch.cat of reduce(embeddings (B, D) float32, part) over the patches `crops` = (image, top, left),
+        taken `batch` at a time; `part` is the slice of `crops` in the batch. The model's mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        images = images_u8.to(self.device)
+        img, top, left = (t.to(self.device) for t in crops)
+        fmt = memory_format(self.channels_last)
+        out = []
+        for start in tqdm(range(0, len(img), self.batch), desc=desc, leave=False, dynamic_ncols=True,
+                          disable=not self.progress or len(img) <= 4 * self.batch):
+            part = slice(start, min(start + self.batch, len(img)))
+            x = apply_crops(images, img[part], top[part], left[part], patch)
+            with autocast(self.device, self.amp):
+                embeds = self.model.embed(x.float().div_(255).contiguous(memory_format=fmt))
+            out.append(reduce(embeds.float(), part))
+        self.model.train(was_training)
+        return torch.cat(out)
+
+
+def fit_patch_density(runner: Runner, train_u8: torch.Tensor, patch: int, kind: str = "torch",
+                      local: bool = False, cell_stride: int = CELL_STRIDE):
+    """PatchGaussians fitted on one patch per clean training image and location cell (cell_crops); returns it
+    and each training image's largest patch score (N,)."""
+    n, _, h, w = train_u8.shape
+    img, top, left, cells = cell_crops(n, h, w, patch, cell_stride)
+    embeds = runner.over_crops(train_u8, (img, top, left), patch, lambda e, _: density_lib.normalize(e),
+                               desc="embed training patches")
+    cells = cells.to(embeds.device)
+    density = density_lib.PatchGaussians(kind, local).fit(embeds, cells)
+    return density, density.score(embeds, cells).view(n, -1).amax(dim=1)
+
+
+def score_grids(runner: Runner, density: "density_lib.PatchGaussians", images_u8: torch.Tensor, patch: int, stride: int,
+                cell_stride: int = CELL_STRIDE) -> torch.Tensor:
+    """Patch anomaly scores (N, rows, cols) on the stride grid, float32 on the CPU; each patch is scored by
+    the Gaussian of its nearest location cell (or the shared one)."""
+    n, _, h, w = images_u8.shape
+    cell_of = nearest_cells(h, w, patch, stride, cell_stride).to(runner.device)
+
+    def reduce(embeds, part):
+        where = torch.arange(part.start, part.stop, device=runner.device) % len(cell_of)
+        return density.score(density_lib.normalize(embeds), cell_of[where]).cpu()
+
+    scores = runner.over_crops(images_u8, grid_crops(n, h, w, patch, stride), patch, reduce,
+                               desc="score test patches")
+    return scores.view(n, len(patch_positions(h, patch, stride)), len(patch_positions(w, patch, stride)))
+
+
+def receptive_field_weights(size: int, starts: torch.Tensor, patch: int, sigma: float = SMOOTHING_SIGMA):
+    """(size, len(starts)) float64: a Gaussian (sigma) around each patch's centre, zero outside the patch."""
+    pix = torch.arange(size, dtype=torch.float64).view(-1, 1)
+    lo = starts.double().view(1, -1)
+    centre = lo + (patch - 1) / 2
+    inside = (pix >= lo) & (pix < lo + patch)
+    return torch.exp(-((pix - centre) ** 2) / (2 * sigma ** 2)) * inside
+
+
+def upsample_scores(grids: torch.Tensor, height: int, width: int, patch: int, stride: int,
+                    sigma: float = SMOOTHING_SIGMA) -> torch.Tensor:
+    """Receptive-field upsampling (FCDD; section 4.2): each patch score spread over its patch with a
+    Gaussian kernel, i.e. the transposed convolution of the (N, rows, cols) grid with a patch x patch
+    Gaussian at `stride`, divided by the same transposed convolution of ones so that every pixel gets a
+    weighted mean of the scores of the patches covering it. Returns (N, height, width) float32."""
+    wy = receptive_field_weights(height, patch_positions(height, patch, stride), patch, sigma)
+    wx = receptive_field_weights(width, patch_positions(width, patch, stride), patch, sigma)
+    num = wy @ grids.double() @ wx.T
+    den = wy @ torch.ones(grids.shape[1:], dtype=torch.float64) @ wx.T
+    return (num / den).float()
+
+
+def dense_maps(runner: Runner, train_u8: torch.Tensor, test_u8: torch.Tensor, patch: int, stride: int,
+               kind: str = "torch", local: bool = False, cell_stride: int = CELL_STRIDE) -> torch.Tensor:
+    """Anomaly maps (N, H, W) of the test images: Gaussians fitted on clean training patches, every test patch
+    at `stride` scored, the scores upsampled to the image size."""
+    density, _ = fit_patch_density(runner, train_u8, patch, kind, local, cell_stride)
+    grids = score_grids(runner, density, test_u8, patch, stride, cell_stride)
+    return upsample_scores(grids, test_u8.shape[2], test_u8.shape[3], patch, stride)

@@ -1,0 +1,179 @@
+"""The grid behind reproduce.py: train and evaluate variants x categories x seeds into one tidy CSV."""
+import argparse
+import shlex
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+import dataset
+from support import checkpoints, demo_data, evaluation, figures, options, training
+from support.checkpoints import atomic_write
+from support.errors import CutPasteError
+from support.runtime import choose, resolve_device
+
+# What identifies one result: a row with the same values is finished.
+KEY = ("category", "variant", "seed", "backbone", "pretrained", "steps", "size")
+# Training options that may differ between runs sharing a folder (where and how, not what is learned).
+RUNTIME_OPTIONS = ("data_dir", "type", "model_dir", "log_dir", "device", "cuda", "workers", "amp",
+                   "channels_last", "compile", "cuda_graph", "log_every", "test_epochs")
+
+def run_name(args, variant: str, seed: int) -> str:
+    init = "pretrained" if args.pretrained else "scratch"
+    return f"{variant}-{args.arch}-{init}-{args.epochs}steps-{args.size}px-seed{seed}"
+
+
+def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str]:
+    """run_training.py's command line for one run."""
+    name = run_name(args, variant, seed)
+    return ["--data_dir", str(args.data_dir), "--type", ",".join(categories),
+            "--model_dir", str(args.out_dir / "models" / name), "--log_dir", str(args.out_dir / "logdirs" / name),
+            "--variant", variant, "--seed", str(seed), "--arch", args.arch,
+            "--pretrained" if args.pretrained else "--no-pretrained", "--epochs", str(args.epochs),
+            "--size", str(args.size), "--batch_size", str(args.batch_size), "--head_layer", str(args.head_layer),
+            "--test_epochs", str(args.test_epochs), "--workers", str(args.workers), "--device", args.device,
+            *shlex.split(args.train_args)]
+
+
+def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
+    """Training options where the checkpoint differs from what this grid asks for (options that the code
+    which wrote it did not have yet cannot differ)."""
+    config = ckpt["config"]
+    return [f"--{key} {config[key]} (asked: {value})" for key, value in sorted(expected.items())
+            if key not in RUNTIME_OPTIONS and key in config and config[key] != value]
+
+
+def finished_checkpoints(args, variant: str, seed: int, categories: list[str]) -> dict[str, tuple[Path, dict]]:
+    """The newest checkpoint per category already in the run's folder, each checked against the grid's settings."""
+    model_dir = args.out_dir / "models" / run_name(args, variant, seed)
+    expected = vars(options.training_parser().parse_args(train_argv(args, variant, seed, categories)))
+    found: dict[str, tuple[Path, dict]] = {}
+    for path in sorted(model_dir.glob("*.tch")) if model_dir.is_dir() else []:
+        ckpt = checkpoints.read_checkpoint(path)
+        diff = config_mismatch(ckpt, expected)
+        if diff:
+            raise CutPasteError(f"{path} was trained with other settings ({'; '.join(diff[:3])}); "
+                                f"give another --out_dir or remove that file")
+        if ckpt["category"] not in found or ckpt["created"] >= found[ckpt["category"]][1]["created"]:
+            found[ckpt["category"]] = (path, ckpt)
+    return found
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """The grid's CSV, or an empty frame; seeds stay text ("0", or "0+1+2" for an ensemble)."""
+    if not path.exists():
+        return pd.DataFrame(columns=list(KEY))
+    try:
+        return pd.read_csv(path, dtype={"seed": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise CutPasteError(f"cannot read the results table {path} ({err}); fix or remove it") from None
+
+
+def row_key(row) -> tuple:
+    """The KEY values as text, whole floats without their '.0' (a CSV column with a gap reads back as float)."""
+    return tuple(str(row[k]).removesuffix(".0") for k in KEY)
+
+
+def done_keys(results: pd.DataFrame) -> set[tuple]:
+    return {row_key(row) for _, row in results.iterrows()}
+
+
+def write_results(results: pd.DataFrame, rows: list[dict], path: Path) -> pd.DataFrame:
+    """Add rows (replacing rows with the same key), sort, and write the CSV atomically."""
+    new = pd.DataFrame(rows)
+    frame = new if results.empty else pd.concat([results, new], ignore_index=True)
+    frame = frame.astype({"seed": str})
+    frame = frame[list(KEY) + [c for c in frame.columns if c not in KEY]]
+    frame = frame[~frame.apply(row_key, axis=1).duplicated(keep="last")]
+    frame = frame.sort_values(["backbone", "pretrained", "steps", "size", "variant", "category", "seed"],
+                              key=lambda col: col.astype(str)).reset_index(drop=True)
+    atomic_write(path, lambda fh: frame.to_csv(fh, index=False), mode="w")
+    return frame
+
+
+def grid_columns(args, category: str, variant: str, seed: str) -> dict:
+    return {"category": category, "variant": variant, "seed": seed, "backbone": args.arch,
+            "pretrained": bool(args.pretrained), "steps": int(args.epochs), "size": int(args.size),
+            "batch_size": int(args.batch_size), "head_layer": int(args.head_layer)}
+
+
+def eval_namespace(args, run_dir: Path) -> argparse.Namespace:
+    """eval.py's options for scoring the checkpoints of one run folder, as its own parser makes them."""
+    ns = options.eval_parser().parse_args(
+        ["--data_dir", str(args.data_dir), "--model_dir", str(run_dir), "--out_dir", str(args.out_dir / "eval"),
+         "--density", args.density, "--save_plots", str(args.save_plots), "--workers", str(args.workers),
+         "--device", args.device, *shlex.split(args.eval_args)])
+    choose(ns, resolve_device(ns.device, ns.cuda))
+    return ns
+
+
+def run_one(args, variant: str, seed: int, categories: list[str], results: pd.DataFrame,
+            device) -> pd.DataFrame:
+    """Train what one (variant, seed) run lacks, evaluate what the CSV lacks; return the updated table."""
+    name = run_name(args, variant, seed)
+    found = finished_checkpoints(args, variant, seed, categories)  # also refuses a folder of other settings
+    done = done_keys(results)
+    todo = [c for c in categories if row_key(grid_columns(args, c, variant, str(seed))) not in done]
+    if not todo:
+        print(f"{name}: all {len(categories)} categories already in {args.csv}; skipped")
+        return results
+    missing = [c for c in todo if c not in found]
+    if missing:
+        print(f"{name}: training {', '.join(missing)}")
+        training.run(options.training_parser().parse_args(train_argv(args, variant, seed, missing)))
+        found = finished_checkpoints(args, variant, seed, categories)
+    ns = eval_namespace(args, args.out_dir / "models" / name)
+    rows = []
+    for category in todo:
+        path, ckpt = found[category]
+        row = evaluation.evaluate_category(ns, category, path, ckpt, device)
+        rows.append({**row, **grid_columns(args, category, variant, str(seed)), "models": 1,
+                     "logdir": str(args.out_dir / "logdirs" / name / path.stem)})
+    return write_results(results, rows, args.csv)
+
+
+def run_ensembles(args, categories: list[str], results: pd.DataFrame, device) -> pd.DataFrame:
+    """--ensemble: score each (variant, category) with the models of all seeds together."""
+    seeds = "+".join(str(s) for s in args.seed_list)
+    done, rows = done_keys(results), []
+    for variant in args.variant_list:
+        todo = [c for c in categories if row_key(grid_columns(args, c, variant, seeds)) not in done]
+        if not todo:
+            continue
+        runs = {s: finished_checkpoints(args, variant, s, categories) for s in args.seed_list}
+        ns = eval_namespace(args, args.out_dir / "models" / run_name(args, variant, seeds))
+        for category in todo:
+            members = [runs[s][category] for s in args.seed_list]
+            row = evaluation.evaluate_ensemble(ns, category, members, device)
+            rows.append({**row, **grid_columns(args, category, variant, seeds), "models": len(members),
+                         "logdir": ""})
+    return write_results(results, rows, args.csv) if rows else results
+
+
+def run(args) -> pd.DataFrame:
+    """reproduce.py (its arguments resolved): train and evaluate what the grid lacks, then draw the figures."""
+    if args.preset == "demo" and args.type == demo_data.DEMO_CATEGORY and not (args.data_dir / args.type).is_dir():
+        print(f"writing the synthetic category {args.type!r} to {args.data_dir}")
+        demo_data.make_dataset(args.data_dir, args.type, size=args.size)
+    categories = dataset.resolve_categories(args.data_dir, args.type)
+    if args.ensemble and len(args.seed_list) < 2:
+        raise CutPasteError(f"--ensemble needs at least two --seeds (got {args.seeds}), e.g. --seeds 0,1,2,3,4")
+    device = resolve_device(args.device)
+    args.csv = args.out_dir / "results.csv"
+    results = read_results(args.csv)
+    print(f"grid: {len(args.variant_list)} variants x {len(categories)} categories x {len(args.seed_list)} seeds, "
+          f"{args.arch} {'pretrained' if args.pretrained else 'from scratch'}, {args.epochs} steps at {args.size} px "
+          f"on {device}; results in {args.csv}")
+    for variant in args.variant_list:
+        for seed in args.seed_list:
+            results = run_one(args, variant, seed, categories, results, device)
+    if args.ensemble:
+        results = run_ensembles(args, categories, results, device)
+    if args.figures_dir is not None:
+        args.figures_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.csv, args.figures_dir / "results.csv")
+        figures.draw(argparse.Namespace(csv=args.figures_dir / "results.csv", out_dir=args.figures_dir,
+                                        paper=options.PAPER_TABLE1, ymin=options.FIGURES_Y_MIN,
+                                        window=options.FIGURES_WINDOW, curves=True))
+    return results
+

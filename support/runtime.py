@@ -1,0 +1,91 @@
+"""Where and how the network runs: device, bf16 autocast, memory format, threads, generators, embedding.
+
+`choose` turns the runtime flags (options.runtime_flags) into settings for the hardware at hand
+when they are left on auto, and `describe` says them in the one start-up line.
+"""
+import contextlib
+import warnings
+
+import torch
+
+from support.errors import CutPasteError
+
+# Images per forward pass when embedding for the density (no gradients, so it can be large).
+EMBED_BATCH = 128
+
+
+def resolve_device(device: str, cuda_flag: str | None = None) -> torch.device:
+    """--device wins; the legacy --cuda 1 asks for CUDA and falls back to the CPU with a warning."""
+    if cuda_flag is not None and str(cuda_flag).lower() not in ("0", "false", "no", ""):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        warnings.warn("--cuda was given but CUDA is not available here; running on the CPU")
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CutPasteError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+    return dev
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 runs natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose(args, device: torch.device) -> None:
+    """Fill args.amp and args.channels_last where they are None (auto), for `device`.
+
+    bf16 where it is native. Channels-last where convolutions run faster in it: on CUDA and with
+    bf16 (oneDNN's blocked kernels); a float32 step on a CPU ran faster in plain NCHW
+    (doc/performance.md). Explicit flags always win.
+    """
+    if args.amp is None:
+        args.amp = bf16_supported(device)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda" or args.amp
+
+
+def describe(device: torch.device, amp: bool, channels_last: bool) -> str:
+    """'cpu (AVX2, 2 threads), float32, NCHW': the settings a run goes with, for its start-up line."""
+    where = str(device)
+    if device.type == "cpu":
+        where += f" ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    elif device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    return f"{where}, {'bf16 autocast' if amp else 'float32'}, {'channels-last' if channels_last else 'NCHW'}"
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on the device, or a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The one random generator that drives data sampling and augmentation on `device`."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.inference_mode()
+def embed_images(model, images_u8: torch.Tensor, device: torch.device, amp: bool, channels_last: bool,
+                 batch: int = EMBED_BATCH) -> torch.Tensor:
+    """(N, 3, H, W) uint8 images (any device) -> (N, D) float32 embeddings on `device`; the model's mode is kept."""
+    was_training = model.training
+    model.eval()
+    fmt = memory_format(channels_last)
+    out = []
+    for start in range(0, images_u8.shape[0], batch):
+        x = images_u8[start:start + batch].to(device, non_blocking=True).float().div_(255)
+        with autocast(device, amp):
+            out.append(model.embed(x.contiguous(memory_format=fmt)).float())
+    model.train(was_training)
+    return torch.cat(out)
