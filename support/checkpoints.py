@@ -72,9 +72,14 @@ def code_version() -> str:
         return "unknown"
 
 
+def weights_cache_path(weights) -> Path:
+    """Where torchvision's weights API caches `weights` (a torchvision WeightsEnum member)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
 def load_pretrained_state(weights) -> dict:
     """An ImageNet state dict from torchvision's cache; one download is tried, with a timeout, when absent."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    path = weights_cache_path(weights)
     if not path.exists():
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)

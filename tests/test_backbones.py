@@ -1,11 +1,12 @@
 """Backbones by name: embedding width read from the model, pretrained weights, checkpoint round trip."""
 import pytest
 import torch
-from torchvision.models import efficientnet_b0
+from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
 
-import common
 from support import checkpoints as engine
+from support.checkpoints import weights_cache_path
 import eval as eval_script
+from support.errors import CutPasteError
 import run_training
 from model import ProjectionNet, classification_backbone, head_layers
 
@@ -37,18 +38,18 @@ def test_classifier_and_its_dropout_are_removed():
 
 
 def test_unknown_or_unsupported_backbones_fail_clearly():
-    with pytest.raises(common.CutPasteError, match="--arch resnet19"):
+    with pytest.raises(CutPasteError, match="--arch resnet19"):
         engine.build_model(1, 2, "resnet19")
-    with pytest.raises(common.CutPasteError, match="no Linear classifier"):
+    with pytest.raises(CutPasteError, match="no Linear classifier"):
         engine.build_model(1, 2, "squeezenet1_0")
-    with pytest.raises(common.CutPasteError, match="not a torchvision classification model"):
+    with pytest.raises(CutPasteError, match="not a torchvision classification model"):
         run_training.main(["--arch", "resnet19"])
 
 
 def test_pretrained_efficientnet_comes_from_the_torchvision_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     reference = efficientnet_b0(weights=None)
-    path = common.weights_cache_path(engine.imagenet_weights("efficientnet_b0"))
+    path = weights_cache_path(EfficientNet_B0_Weights.IMAGENET1K_V1)
     assert path.name.startswith("efficientnet_b0")
     path.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), path)
@@ -74,3 +75,24 @@ def test_efficientnet_checkpoint_round_trip_and_eval(tmp_path, mvtec_root):
     frame = eval_script.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "m"),
                               "--out_dir", str(tmp_path / "Eval"), "--save_plots", "0", "--workers", "0"])
     assert 0 <= frame["image_auroc"].iloc[0] <= 100
+    gradcam = eval_script.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "m"),
+                                "--out_dir", str(tmp_path / "Eval"), "--save_plots", "1", "--max_heatmaps", "1",
+                                "--workers", "0", "--localization", "gradcam"])
+    assert 0 <= gradcam["pixel_auroc"].iloc[0] <= 100, "GradCAM hooks the efficientnet's feature maps"
+    assert len(list((tmp_path / "Eval" / "m" / "lid" / "heatmaps").glob("*.png"))) == 1
+
+
+def test_gradcam_hooks_the_last_feature_map_block_of_each_backbone():
+    from support.gradcam import _capture_last_feature_maps
+    blocks = {"resnet18": lambda net: net.layer4, "efficientnet_b0": lambda net: net.features,
+              "mobilenet_v3_small": lambda net: net.features}
+    for arch, block in blocks.items():
+        model = engine.build_model(0, 2, arch).eval()
+        expected, captured = [], {}
+        handle = block(model.backbone).register_forward_hook(lambda _m, _i, out: expected.append(out))
+        hooks = _capture_last_feature_maps(model.backbone, captured)
+        with torch.no_grad():
+            model(torch.rand(1, 3, 64, 64))
+        for hook in (handle, *hooks):
+            hook.remove()
+        assert captured["features"] is expected[0], f"{arch}: not its last feature-map block"

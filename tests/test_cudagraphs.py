@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from common import CutPasteError, make_generator
-from cudagraphs import GraphedCall
+from support.cudagraphs import GraphedCall
+from support.errors import CutPasteError
+from support.runtime import make_generator
 from cutpaste import make_batch
-from localization import make_patch_batch
+from support.patches import make_patch_batch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -4,7 +4,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 import density
-from support import checkpoints as engine
+from support import metrics
 
 
 def sample(n, d, seed):
@@ -48,6 +48,6 @@ def test_unknown_density_name():
 
 
 def test_image_auroc_known_case():
-    assert engine.image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
-    assert engine.image_auroc([0, 1, 0, 1], [0.0, 1.0, 0.2, 0.9]) == 1.0
-    assert np.isnan(engine.image_auroc([0, 0], [0.1, 0.2]))
+    assert metrics.image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert metrics.image_auroc([0, 1, 0, 1], [0.0, 1.0, 0.2, 0.9]) == 1.0
+    assert np.isnan(metrics.image_auroc([0, 0], [0.1, 0.2]))

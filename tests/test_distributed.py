@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import distributed
+from support import distributed
 from support import checkpoints as engine
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import dataset
-import download
+from support import download
 from support.errors import CutPasteError
 
 SERVER_LIFETIME_S = 60.0

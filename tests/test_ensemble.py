@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from support import checkpoints as engine
+import density
 import eval as eval_script
 import run_training
 from support.errors import CutPasteError
@@ -15,20 +15,20 @@ TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", 
 
 def test_normalized_scores_known_case():
     train = torch.tensor([1.0, 2.0, 3.0])  # mean 2, sample std 1
-    assert torch.allclose(engine.normalized_scores(train, torch.tensor([2.0, 4.0, 0.5])),
+    assert torch.allclose(density.normalized_scores(train, torch.tensor([2.0, 4.0, 0.5])),
                           torch.tensor([0.0, 2.0, -1.5]))
     with pytest.raises(CutPasteError, match="no spread"):
-        engine.normalized_scores(torch.ones(4), torch.tensor([1.0]))
+        density.normalized_scores(torch.ones(4), torch.tensor([1.0]))
 
 
 def test_ensemble_ignores_each_models_scale():
     g = torch.Generator().manual_seed(0)
     a_train, a_test = torch.rand(20, generator=g), torch.rand(8, generator=g)
     b_train, b_test = torch.rand(20, generator=g) * 3, torch.rand(8, generator=g) * 3
-    plain = engine.ensemble_scores([(a_train, a_test), (b_train, b_test)])
-    rescaled = engine.ensemble_scores([(a_train * 1000 + 7, a_test * 1000 + 7), (b_train, b_test)])
+    plain = density.ensemble_scores([(a_train, a_test), (b_train, b_test)])
+    rescaled = density.ensemble_scores([(a_train * 1000 + 7, a_test * 1000 + 7), (b_train, b_test)])
     assert torch.allclose(plain, rescaled, atol=1e-5)
-    expected = (engine.normalized_scores(a_train, a_test) + engine.normalized_scores(b_train, b_test)) / 2
+    expected = (density.normalized_scores(a_train, a_test) + density.normalized_scores(b_train, b_test)) / 2
     assert torch.allclose(plain, expected)
 
 

@@ -10,9 +10,10 @@ import dataset
 import density
 from support import checkpoints as engine
 import eval as eval_script
-import localization as loc
+from support import evaluation, gradcam, patches
 import run_training
 from support.errors import CutPasteError
+from support.runtime import embed_images
 
 
 def gen(seed=0):
@@ -21,21 +22,21 @@ def gen(seed=0):
 
 @pytest.mark.parametrize("size,patch,stride", [(256, 64, 4), (100, 32, 12), (40, 40, 4)])
 def test_positions_cover_the_image(size, patch, stride):
-    pos = loc.patch_positions(size, patch, stride)
+    pos = patches.patch_positions(size, patch, stride)
     assert pos[0] == 0 and pos[-1] == size - patch
     gaps = pos[1:] - pos[:-1]
     assert (gaps > 0).all() and (gaps <= stride).all()
     with pytest.raises(CutPasteError, match="does not fit"):
-        loc.patch_positions(size, size + 1, stride)
+        patches.patch_positions(size, size + 1, stride)
 
 
 @pytest.mark.parametrize("size,patch,stride,cell,tol", [(256, 64, 4, (10, 30), 0), (100, 32, 12, (2, 3), 0),
                                                        (100, 32, 12, (2, 5), 2)])
 def test_one_hot_patch_peaks_at_its_centre(size, patch, stride, cell, tol):
-    pos = loc.patch_positions(size, patch, stride)
+    pos = patches.patch_positions(size, patch, stride)
     grid = torch.zeros(1, len(pos), len(pos))
     grid[0, cell[0], cell[1]] = 1.0
-    up = loc.upsample_scores(grid, size, size, patch, stride)[0]
+    up = patches.upsample_scores(grid, size, size, patch, stride)[0]
     assert up.shape == (size, size)
     top, left = int(pos[cell[0]]), int(pos[cell[1]])
     # The patch centre is at top + (patch - 1) / 2, between the two middle pixels of the patch. Where the
@@ -53,46 +54,46 @@ def test_one_hot_patch_peaks_at_its_centre(size, patch, stride, cell, tol):
 
 
 def test_pixels_seen_by_one_patch_only_take_its_score():
-    pos = loc.patch_positions(100, 32, 12)  # ..., 60, 68: rows and columns 92-99 lie in the last patch only
+    pos = patches.patch_positions(100, 32, 12)  # ..., 60, 68: rows and columns 92-99 lie in the last patch only
     grid = torch.zeros(1, len(pos), len(pos))
     grid[0, -1, -1] = 2.0
-    up = loc.upsample_scores(grid, 100, 100, 32, 12)[0]
+    up = patches.upsample_scores(grid, 100, 100, 32, 12)[0]
     assert torch.allclose(up[92:, 92:], torch.tensor(2.0)) and up[:68].abs().max() == 0
 
 
 def test_upsampling_is_a_weighted_mean():
     grid = torch.full((2, 7, 7), 3.0)
-    up = loc.upsample_scores(grid, 64, 64, 16, 8)
+    up = patches.upsample_scores(grid, 64, 64, 16, 8)
     assert torch.allclose(up, torch.full_like(up, 3.0))
     ramp = torch.arange(7.0).view(1, 1, 7).expand(1, 7, 7)
-    up = loc.upsample_scores(ramp, 64, 64, 16, 8)[0]
+    up = patches.upsample_scores(ramp, 64, 64, 16, 8)[0]
     assert (up[:, 1:] >= up[:, :-1] - 1e-6).all(), "monotone scores stay monotone"
     assert up.min() >= 0 and up.max() <= 6
 
 
 def test_grid_and_cell_crops():
-    img, top, left = loc.grid_crops(2, 40, 48, 16, 12)
-    ys, xs = loc.patch_positions(40, 16, 12), loc.patch_positions(48, 16, 12)
+    img, top, left = patches.grid_crops(2, 40, 48, 16, 12)
+    ys, xs = patches.patch_positions(40, 16, 12), patches.patch_positions(48, 16, 12)
     per = len(ys) * len(xs)
     assert len(img) == 2 * per and (img[:per] == 0).all() and (img[per:] == 1).all()
     assert top[len(xs)] == ys[1] and left[1] == xs[1] and top[per - 1] == ys[-1] and left[per - 1] == xs[-1]
-    img, top, left, cell = loc.cell_crops(3, 64, 64, 16, 8, seed=1)
-    cells = loc.patch_positions(64, 16, 8)  # 0, 8, ..., 48: 7 x 7 cells
+    img, top, left, cell = patches.cell_crops(3, 64, 64, 16, 8, seed=1)
+    cells = patches.patch_positions(64, 16, 8)  # 0, 8, ..., 48: 7 x 7 cells
     assert len(img) == 3 * 49 and torch.equal(cell[:49], torch.arange(49)) and (img[49:98] == 1).all()
     dy, dx = top - cells[cell // 7], left - cells[cell % 7]
     assert dy.min() >= -4 and dy.max() <= 3 and dx.min() >= -4 and dx.max() <= 3 and len(set(dy.tolist())) > 4
-    assert top.min() >= 0 and top.max() <= 48 and torch.equal(top, loc.cell_crops(3, 64, 64, 16, 8, seed=1)[1])
+    assert top.min() >= 0 and top.max() <= 48 and torch.equal(top, patches.cell_crops(3, 64, 64, 16, 8, seed=1)[1])
     # Test patches at stride 4 go to the nearest cell: positions 0, 4, ..., 48 -> cells 0, 0 or 1, 1, ...
-    near = loc.nearest_cells(64, 64, 16, 4, 8).view(13, 13)
+    near = patches.nearest_cells(64, 64, 16, 4, 8).view(13, 13)
     assert near[0, 0] == 0 and near[2, 2] == 8 and near[12, 12] == 48 and near[0, 4] == 2
 
 
 def test_crops_are_exact_windows():
     images = (torch.rand(5, 3, 40, 48, generator=gen(1)) * 255).to(torch.uint8)
     idx = torch.tensor([4, 0, 2, 2])
-    top, left = loc.sample_crops(4, 40, 48, 16, gen(2))
+    top, left = patches.sample_crops(4, 40, 48, 16, gen(2))
     assert (top >= 0).all() and (top <= 24).all() and (left >= 0).all() and (left <= 32).all()
-    crops = loc.apply_crops(images, idx, top, left, 16)
+    crops = patches.apply_crops(images, idx, top, left, 16)
     for b in range(4):
         t, l = int(top[b]), int(left[b])
         assert torch.equal(crops[b], images[idx[b], :, t:t + 16, l:l + 16])
@@ -102,15 +103,15 @@ def test_crops_are_exact_windows():
 def test_patch_augmentation_stays_inside_the_patch(variant, k):
     images = (torch.rand(6, 3, 96, 96, generator=gen(3)) * 255).to(torch.uint8)
     before = images.clone()
-    x, y = loc.make_patch_batch(images, variant, 8, 64, gen(4))
+    x, y = patches.make_patch_batch(images, variant, 8, 64, gen(4))
     assert x.shape == (8 * k, 3, 64, 64) and torch.equal(y, torch.arange(k).repeat_interleave(8))
     assert torch.equal(images, before), "input untouched"
     # The same draws, done by hand: crop first, then the whole augmentation on the 64 x 64 crops only,
     # so nothing outside a crop can reach its augmented views.
     g = gen(4)
     idx = cutpaste.sample_indices(6, 8, g)
-    top, left = loc.sample_crops(8, 96, 96, 64, g)
-    crops = loc.apply_crops(images, idx, top, left, 64).float() / 255
+    top, left = patches.sample_crops(8, 96, 96, 64, g)
+    crops = patches.apply_crops(images, idx, top, left, 64).float() / 255
     x_ref, _ = cutpaste.augment_batch(crops, variant, g)
     assert torch.equal(x, x_ref)
     # Boxes are sized for the patch: CutPaste covers 2-15 % of the patch's area (not of the image's, which
@@ -119,7 +120,7 @@ def test_patch_augmentation_stays_inside_the_patch(variant, k):
     for view in range(1, k):
         changed = (x[8 * view:8 * (view + 1)] != clean).any(dim=1).flatten(1).float().mean(1)
         assert (changed > 0).all() and (changed < 0.17).all()
-    x2, _ = loc.make_patch_batch(images, variant, 8, 64, gen(4))
+    x2, _ = patches.make_patch_batch(images, variant, 8, 64, gen(4))
     assert torch.equal(x, x2), "a seed reproduces the batch"
 
 
@@ -132,11 +133,11 @@ def _tiny_model():
 def test_score_grid_order_matches_direct_scoring(local):
     model = _tiny_model()
     images = (torch.rand(3, 3, 40, 40, generator=gen(5)) * 255).to(torch.uint8)
-    runner = loc.Runner(model, torch.device("cpu"), batch=7)
-    dens, train_max = loc.fit_patch_density(runner, images, 16, local=local, cell_stride=12)
+    runner = patches.Runner(model, torch.device("cpu"), batch=7)
+    dens, train_max = patches.fit_patch_density(runner, images, 16, local=local, cell_stride=12)
     assert train_max.shape == (3,) and len(dens.parts) == (9 if local else 1)
-    grids = loc.score_grids(runner, dens, images, 16, 4, cell_stride=12)
-    pos = loc.patch_positions(40, 16, 4)  # 0, 4, ..., 24; cells at 0, 12, 24
+    grids = patches.score_grids(runner, dens, images, 16, 4, cell_stride=12)
+    pos = patches.patch_positions(40, 16, 4)  # 0, 4, ..., 24; cells at 0, 12, 24
     assert grids.shape == (3, len(pos), len(pos))
     for n, i, j, cell in [(0, 0, 0, 0), (1, 2, 4, 4), (1, 4, 1, 3), (2, 6, 6, 8)]:
         t, l = int(pos[i]), int(pos[j])
@@ -151,10 +152,10 @@ def test_gradcam_maps_shape_and_sign(target):
     model = _tiny_model()
     images = (torch.rand(5, 3, 64, 64, generator=gen(6)) * 255).to(torch.uint8)
     cpu = torch.device("cpu")
-    gauss = density.GaussianDensityTorch().fit(density.normalize(engine.embed_images(model, images[:3], cpu, False,
+    gauss = density.GaussianDensityTorch().fit(density.normalize(embed_images(model, images[:3], cpu, False,
                                                                                      False)))
-    fn = loc.gradcam_target(target, gauss)
-    maps = loc.gradcam_maps(model, images, fn, cpu, False, False, batch=2)
+    fn = gradcam.gradcam_target(target, gauss)
+    maps = gradcam.gradcam_maps(model, images, fn, cpu, False, False, batch=2)
     assert maps.shape == (5, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0
     assert not model.training and not model.resnet18.layer4._forward_hooks, "mode kept, hook removed"
     assert all(p.grad is None for p in model.parameters()), "no gradients left on the weights"
@@ -171,7 +172,7 @@ def test_gradcam_matches_its_formula_for_a_linear_target():
     def linear(embeds, logits):
         return (captured["f"].mean(dim=(2, 3)) * coef).sum(dim=1)
 
-    maps = loc.gradcam_maps(model, images, linear, torch.device("cpu"), False, False)
+    maps = gradcam.gradcam_maps(model, images, linear, torch.device("cpu"), False, False)
     with torch.no_grad():
         model(images.float() / 255)
     hook.remove()
@@ -182,13 +183,13 @@ def test_gradcam_matches_its_formula_for_a_linear_target():
 
 
 def test_targets():
-    assert loc.augmented_log_odds(None, torch.tensor([[2.0, 0.0]])).item() == pytest.approx(-2.0)
+    assert gradcam.augmented_log_odds(None, torch.tensor([[2.0, 0.0]])).item() == pytest.approx(-2.0)
     three = torch.tensor([[0.0, 1.0, 1.0]])
-    assert loc.augmented_log_odds(None, three).item() == pytest.approx(1.0 + torch.log(torch.tensor(2.0)).item())
+    assert gradcam.augmented_log_odds(None, three).item() == pytest.approx(1.0 + torch.log(torch.tensor(2.0)).item())
     gauss = density.GaussianDensityTorch()
     gauss.mean, gauss.precision = torch.tensor([1.0, 0.0]), torch.eye(2) * 4
     # normalize([0, 3]) = [0, 1]; diff = [-1, 1]; 0.5 * 4 * 2 = 4
-    assert loc.density_target(gauss)(torch.tensor([[0.0, 3.0]]), None).item() == pytest.approx(4.0)
+    assert gradcam.density_target(gauss)(torch.tensor([[0.0, 3.0]]), None).item() == pytest.approx(4.0)
 
 
 def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
@@ -196,11 +197,11 @@ def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
     test_set.has_mask[-1] = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        keep = loc.scorable_images(test_set, "lid")
+        keep = evaluation.scorable_images(test_set, "lid")
     assert keep.sum() == len(test_set) - 1 and "no usable mask" in str(caught[0].message)
     maps = test_set.masks.float() + 0.1 * torch.rand(test_set.masks.shape, generator=gen(7))
     with pytest.warns(UserWarning, match="no usable mask"):
-        row = loc.report("lid", test_set, maps, {"localization": "dense", "patch_density": "shared"}, tmp_path,
+        row = evaluation.report("lid", test_set, maps, {"localization": "dense", "patch_density": "shared"}, tmp_path,
                          True, 3)
     assert row["pixel_auroc"] == pytest.approx(100.0) and row["pro"] == pytest.approx(100.0)
     assert (tmp_path / "pixel_roc.png").stat().st_size > 1000
@@ -208,23 +209,23 @@ def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
 
 
 def test_heatmap_choice_and_display_range():
-    assert loc.heatmap_indices(10, 0) == [] and loc.heatmap_indices(3, 8) == [0, 1, 2]
-    assert loc.heatmap_indices(83, 4) == [0, 27, 55, 82]
+    assert evaluation.heatmap_indices(10, 0) == [] and evaluation.heatmap_indices(3, 8) == [0, 1, 2]
+    assert evaluation.heatmap_indices(83, 4) == [0, 27, 55, 82]
     maps = torch.zeros(2, 10, 10)
     maps[0, 0, 0] = 1000.0  # one extreme pixel does not set the scale
     maps[1] = torch.linspace(0, 1, 100).view(10, 10)
-    lo, hi = loc.display_range(maps)
+    lo, hi = evaluation.display_range(maps)
     assert lo == 0 and hi < 1000
 
 
 def test_modes():
-    assert loc.resolve_mode("auto", 64, "m.tch") == "dense" and loc.resolve_mode("auto", 0, "m.tch") == "none"
-    assert loc.resolve_mode("gradcam", 0, "m.tch") == "gradcam"
+    assert evaluation.resolve_mode("auto", 64, "m.tch") == "dense" and evaluation.resolve_mode("auto", 0, "m.tch") == "none"
+    assert evaluation.resolve_mode("gradcam", 0, "m.tch") == "gradcam"
     with pytest.raises(CutPasteError, match="m.tch is a patch-level model.*--localization dense"):
-        loc.resolve_mode("gradcam", 64, "m.tch")
-    assert loc.dense_patch_size(0, 256) == 64 and loc.dense_patch_size(16, 32) == 16
-    assert loc.use_local_density("auto", "bottle") and not loc.use_local_density("auto", "screw")
-    assert loc.use_local_density("local", "lid") and not loc.use_local_density("shared", "bottle")
+        evaluation.resolve_mode("gradcam", 64, "m.tch")
+    assert evaluation.dense_patch_size(0, 256) == 64 and evaluation.dense_patch_size(16, 32) == 16
+    assert evaluation.use_local_density("auto", "bottle") and not evaluation.use_local_density("auto", "screw")
+    assert evaluation.use_local_density("local", "lid") and not evaluation.use_local_density("shared", "bottle")
 
 
 TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained", "--log_every", "2", "--workers", "0"]

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import metrics
+from support import metrics
 
 
 def test_pixel_auroc_by_hand():

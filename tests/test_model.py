@@ -1,17 +1,15 @@
 import os
-import platform
 import stat
-import subprocess
-import sys
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
-import common
+from support import checkpoints
+from support.errors import CutPasteError
 from support import checkpoints as engine
+from support.checkpoints import weights_cache_path
 from model import ProjectionNet, head_layers
 
 
@@ -34,7 +32,7 @@ def test_freeze_backbone():
 def test_pretrained_weights_come_from_the_torchvision_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     reference = resnet18(weights=None)
-    path = common.weights_cache_path(ResNet18_Weights.IMAGENET1K_V1)
+    path = weights_cache_path(ResNet18_Weights.IMAGENET1K_V1)
     assert path.parent == tmp_path / "checkpoints"
     path.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), path)
@@ -50,7 +48,7 @@ def test_missing_weights_fail_clearly_without_network(tmp_path, monkeypatch):
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(common.CutPasteError) as err:
+    with pytest.raises(CutPasteError) as err:
         engine.load_imagenet_backbone(engine.build_model(1, 2))
     message = str(err.value)
     assert str(tmp_path / "checkpoints" / "resnet18-f37072fd.pth") in message
@@ -59,14 +57,14 @@ def test_missing_weights_fail_clearly_without_network(tmp_path, monkeypatch):
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "ckpt.tch"
-    common.atomic_save({"a": torch.ones(2)}, target)
+    checkpoints.atomic_save({"a": torch.ones(2)}, target)
 
     class Unpicklable:
         def __reduce__(self):
             raise OSError("No space left on device")
 
     with pytest.raises(OSError):
-        common.atomic_save({"a": Unpicklable()}, target)
+        checkpoints.atomic_save({"a": Unpicklable()}, target)
     assert torch.equal(torch.load(target)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.tch"], "no temporary file left behind"
 
@@ -74,29 +72,7 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
 def test_atomic_save_gives_the_mode_of_a_plain_file(tmp_path):
     old = os.umask(0o022)
     try:
-        common.atomic_save({"a": torch.ones(2)}, tmp_path / "ckpt.tch")
+        checkpoints.atomic_save({"a": torch.ones(2)}, tmp_path / "ckpt.tch")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ckpt.tch").stat().st_mode) == 0o644, "not mkstemp's 0600"
-
-
-_RSS_KEPT_SCRIPT = """
-import os, torch, common
-def kept_after_free():
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
-    before = rss()
-    x = torch.ones(64 << 20, dtype=torch.uint8)
-    del x
-    return rss() - before
-print(kept_after_free() < 16 << 20, common.keep_freed_memory(), kept_after_free() > 48 << 20)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(),
-                    reason="mallopt and /proc are glibc's and Linux's")
-def test_keep_freed_memory_keeps_the_pages_of_a_freed_tensor():
-    """By default a freed 64 MB tensor goes back to the OS; after keep_freed_memory its pages stay for reuse."""
-    out = subprocess.run([sys.executable, "-c", _RSS_KEPT_SCRIPT], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "True", "True"]

@@ -9,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-import calibration
 import dataset
 import density
 import predict
+from support import detector
+from support.detector import Detector
 import run_training
-from common import CHECKPOINT_FORMAT, CutPasteError
+from support.checkpoints import CHECKPOINT_FORMAT
+from support.errors import CutPasteError
+from support.options import DEFAULT_QUANTILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +32,7 @@ def lid_checkpoint(tmp_path_factory, mvtec_root) -> Path:
 
 
 def test_detector_scores_paths_pil_and_tensors_alike(lid_checkpoint, mvtec_root):
-    det = predict.Detector.load(lid_checkpoint, device="cpu")
+    det = Detector.load(lid_checkpoint, device="cpu")
     paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")]
     scores = det.score(paths)
     assert scores.shape == (len(paths),) and torch.isfinite(scores).all()
@@ -42,7 +45,7 @@ def test_detector_scores_paths_pil_and_tensors_alike(lid_checkpoint, mvtec_root)
 
 
 def test_threshold_is_a_quantile_of_held_out_clean_scores(lid_checkpoint):
-    det = predict.Detector.load(lid_checkpoint, device="cpu")
+    det = Detector.load(lid_checkpoint, device="cpu")
     ckpt = torch.load(lid_checkpoint, weights_only=True)
     assert det.calibration_source.startswith("held-out") and ckpt["heldout_scores"].shape == (16,)
     ordered = ckpt["heldout_scores"].double().sort().values
@@ -57,7 +60,7 @@ def test_older_checkpoint_without_held_out_scores_falls_back_to_in_sample(tmp_pa
     del ckpt["heldout_scores"]
     older = tmp_path / "older.tch"
     torch.save(ckpt, older)
-    det = predict.Detector.load(older, device="cpu")
+    det = Detector.load(older, device="cpu")
     assert det.calibration_source.startswith("in-sample")
     assert det.threshold(1.0) == pytest.approx(float(ckpt["train_scores"].max()))
 
@@ -65,13 +68,13 @@ def test_older_checkpoint_without_held_out_scores_falls_back_to_in_sample(tmp_pa
 def test_heldout_scores_leave_each_image_out():
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn(40, 24, generator=gen)
-    held = calibration.heldout_scores(emb, folds=4)
+    held = density.heldout_scores(emb, folds=4)
     fold0 = torch.arange(40) % 4 == 0
     est = density.GaussianDensityTorch().fit(density.normalize(emb[~fold0]))
     assert torch.allclose(held[fold0], est.score(density.normalize(emb[fold0])))
     in_sample = density.GaussianDensityTorch().fit(density.normalize(emb)).score(density.normalize(emb))
     assert held.mean() > in_sample.mean(), "scores of images the density never saw run higher"
-    assert calibration.heldout_scores(emb[:2]).numel() == 0
+    assert density.heldout_scores(emb[:2]).numel() == 0
 
 
 def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_checkpoint, mvtec_root, capsys):
@@ -93,11 +96,11 @@ def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_che
     scored = frame[frame["label"] != "error"].astype({"score": float})
     assert len(scored) == n_test
     assert ((scored["score"] > scored["threshold"]) == (scored["label"] == "anomalous")).all()
-    det = predict.Detector.load(lid_checkpoint, device="cpu")
-    assert scored["threshold"].iloc[0] == pytest.approx(det.threshold(calibration.DEFAULT_QUANTILE))
+    det = Detector.load(lid_checkpoint, device="cpu")
+    assert scored["threshold"].iloc[0] == pytest.approx(det.threshold(DEFAULT_QUANTILE))
     printed = capsys.readouterr()
     assert "zz_truncated.png" in printed.err and "accuracy: " in printed.out
-    report = predict.truth_report(results)
+    report = detector.truth_report(results)
     assert report["images"] == n_test and report["true_negatives"] + report["false_positives"] == 4
     overlays = sorted(p.name for p in (tmp_path / "overlays").iterdir())
     assert len(overlays) == n_test and "good__000.png" in overlays and "hole__000.png" in overlays
@@ -105,17 +108,17 @@ def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_che
 
 def test_explicit_threshold_and_heatmap_hook(tmp_path, lid_checkpoint, mvtec_root):
     paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")][:4]
-    det = predict.Detector.load(lid_checkpoint, device="cpu")
+    det = Detector.load(lid_checkpoint, device="cpu")
     middle = float(det.score(paths).median())
     labels = [r.label for r in det.predict(paths, middle)]
     assert labels.count("anomalous") == 2 and labels.count("normal") == 2
-    hot = predict.Detector.load(lid_checkpoint, device="cpu",
+    hot = Detector.load(lid_checkpoint, device="cpu",
                                 heatmap=lambda d, imgs: torch.linspace(0, 1, 32).repeat(imgs.shape[0], 32, 1))
     maps = hot.heatmaps(paths)
     assert maps.shape == (4, 32, 32)
     image = dataset.load_image(paths[0], 32)
-    plain = predict.overlay_image(image, "normal", 1.0, 2.0)
-    blended = predict.overlay_image(image, "normal", 1.0, 2.0, maps[0])
+    plain = detector.overlay_image(image, "normal", 1.0, 2.0)
+    blended = detector.overlay_image(image, "normal", 1.0, 2.0, maps[0])
     assert plain.size == blended.size == (32, 32) and plain.tobytes() != blended.tobytes()
 
 
@@ -129,7 +132,7 @@ def test_bad_inputs_and_checkpoints(tmp_path, lid_checkpoint, mvtec_root):
     newer = tmp_path / "newer.tch"
     torch.save({**ckpt, "format": CHECKPOINT_FORMAT + 1}, newer)
     with pytest.raises(CutPasteError, match=f"newer.tch has checkpoint format {CHECKPOINT_FORMAT + 1}"):
-        predict.Detector.load(newer)
+        Detector.load(newer)
     truncated = tmp_path / "truncated.tch"
     truncated.write_bytes(lid_checkpoint.read_bytes()[:5000])
     with pytest.raises(CutPasteError, match="truncated.tch.*truncated"):

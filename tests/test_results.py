@@ -4,10 +4,11 @@ import shutil
 import pandas as pd
 import pytest
 
-import eval as eval_script
 import figures
 import reproduce
-import run_training
+from support import evaluation, reproduction, training
+from support import figures as drawing
+from support.options import PAPER_TABLE1
 from support.errors import CutPasteError
 
 TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--test_epochs", "2"]
@@ -30,7 +31,7 @@ def grid(tmp_path_factory, mvtec_root):
 def test_grid_csv_shape(grid):
     out, frame = grid
     table = pd.read_csv(out / "runs" / "results.csv", dtype={"seed": str})
-    assert list(table.columns[:7]) == list(reproduce.KEY)
+    assert list(table.columns[:7]) == list(reproduction.KEY)
     assert len(table) == 3 and sorted(table["seed"]) == ["0", "0+1", "1"]
     assert set(table["backbone"]) == {"resnet18"} and not table["pretrained"].any()
     assert set(table["steps"]) == {3} and set(table["size"]) == {32}
@@ -59,9 +60,9 @@ def test_finished_grid_is_skipped(grid, mvtec_root, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("nothing should run again")
 
-    monkeypatch.setattr(run_training, "main", boom)
-    monkeypatch.setattr(eval_script, "evaluate_category", boom)
-    monkeypatch.setattr(eval_script, "evaluate_ensemble", boom)
+    monkeypatch.setattr(training, "run", boom)
+    monkeypatch.setattr(evaluation, "evaluate_category", boom)
+    monkeypatch.setattr(evaluation, "evaluate_ensemble", boom)
     reproduce.main(grid_argv(out / "runs", mvtec_root, "--seeds", "0,1", "--ensemble"))
     assert (out / "runs" / "results.csv").read_text() == before
 
@@ -72,7 +73,7 @@ def test_missing_row_is_evaluated_without_retraining(grid, mvtec_root, tmp_path,
     shutil.copytree(out / "runs", runs)
     table = pd.read_csv(runs / "results.csv", dtype={"seed": str})
     table[table["seed"] != "1"].to_csv(runs / "results.csv", index=False)
-    monkeypatch.setattr(run_training, "main", lambda *a, **k: pytest.fail("retrained a finished model"))
+    monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("retrained a finished model"))
     frame = reproduce.main(grid_argv(runs, mvtec_root, "--seeds", "0,1"))
     assert sorted(frame["seed"]) == ["0", "0+1", "1"]
 
@@ -101,8 +102,8 @@ def test_table_statistics_and_paper_columns(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
     written = figures.main(["--csv", str(tmp_path / "results.csv"), "--out_dir", str(tmp_path / "doc")])
     assert sorted(p.name for p in written) == ["bars_3way.png", "table.md"]
-    table = figures.summary_table(figures.load_results(tmp_path / "results.csv"),
-                                  figures.read_paper(eval_script.PAPER_TABLE)).set_index("category")
+    table = drawing.summary_table(drawing.load_results(tmp_path / "results.csv"),
+                                  drawing.read_paper(PAPER_TABLE1)).set_index("category")
     assert table.loc["bottle", "3way: this implementation"] == "98.0 ± 1.4"
     assert table.loc["mean", "3way: this implementation"] == "90.0 ± 2.1"  # per-seed means 88.5 and 91.5
     assert table.loc["bottle", "3way: Li et al. Table 1"] == "98.3"

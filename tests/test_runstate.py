@@ -11,11 +11,12 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
-import common
+from support.runtime import make_generator
 from support import checkpoints as engine
-import records
+from support.checkpoints import weights_cache_path
+from support import records, runstate, training
+from support import checkpoints
 import run_training
-import runstate
 from support.errors import CutPasteError
 
 TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--log_every", "2", "--workers", "0",
@@ -31,21 +32,21 @@ def train(root, data, *extra):
 def offline_imagenet(tmp_path, monkeypatch):
     """A torchvision weights cache holding random ResNet18 weights, so --pretrained (and its freeze) runs offline."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    path = common.weights_cache_path(ResNet18_Weights.IMAGENET1K_V1)
+    path = weights_cache_path(ResNet18_Weights.IMAGENET1K_V1)
     path.parent.mkdir(parents=True)
     torch.save(resnet18(weights=None).state_dict(), path)
 
 
 def fail_at_call(monkeypatch, n, action):
-    """Make run_training.train_step run `action` just before its n-th call (1-based); return the real one."""
-    real, calls = run_training.train_step, []
+    """Make training.train_step run `action` just before its n-th call (1-based); return the real one."""
+    real, calls = training.train_step, []
 
     def step(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
             action()
         return real(*args, **kwargs)
-    monkeypatch.setattr(run_training, "train_step", step)
+    monkeypatch.setattr(training, "train_step", step)
     return real
 
 
@@ -74,7 +75,7 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, mvtec_root, monkey
         train(tmp_path / "b", mvtec_root, *extra)
     state = torch.load(runstate.state_path(tmp_path / "b" / "models", "lid"), weights_only=True)
     assert state["step"] == 2 and not list((tmp_path / "b" / "models").glob("*.tch"))
-    monkeypatch.setattr(run_training, "train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     (resumed,) = train(tmp_path / "b", mvtec_root, *extra, "--resume")
     assert resumed.name.startswith(state["run_name"])
     same_checkpoints(reference, resumed)
@@ -133,8 +134,8 @@ def test_failed_category_keeps_the_others_and_finished_ones_are_skipped(tmp_path
 
 def make_state(args, device=torch.device("cpu")):
     model = engine.build_model(args.head_layer, 2)
-    opt, sched = run_training.make_optimizer(model, args, args.epochs)
-    return runstate.capture(3, "model-lid-x", "lid", args, model, opt, sched, common.make_generator(device, 0),
+    opt, sched = training.make_optimizer(model, args, args.epochs)
+    return runstate.capture(3, "model-lid-x", "lid", args, model, opt, sched, make_generator(device, 0),
                             device), model, opt, sched
 
 
@@ -148,7 +149,7 @@ def test_bad_states_get_clear_errors(tmp_path):
     with pytest.raises(CutPasteError, match=r"other settings: --epochs 8 \(now 9\), --lr 0.03 \(now 0.1\)"):
         runstate.load_state(path, other)
     with pytest.raises(CutPasteError, match="saved on cuda, this run is on cpu"):
-        runstate.restore({**state, "device_type": "cuda"}, path, model, opt, sched, common.make_generator(
+        runstate.restore({**state, "device_type": "cuda"}, path, model, opt, sched, make_generator(
             torch.device("cpu"), 0), torch.device("cpu"))
     torch.save({**state, "format": runstate.STATE_FORMAT + 1}, path)
     with pytest.raises(CutPasteError, match=f"state format {runstate.STATE_FORMAT + 1}, this code reads"):
@@ -174,7 +175,7 @@ def test_full_disk_during_a_state_write_keeps_the_previous_state(tmp_path, monke
         real_save(obj, fh)
         fh.truncate(fh.tell() // 2)
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(common.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not runstate.save_state({**state, "step": 6}, path)
@@ -189,7 +190,7 @@ def test_full_disk_at_the_final_checkpoint_keeps_the_trained_state(tmp_path, mvt
 
     def disk_full(ckpt, path):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(engine, "save_checkpoint", disk_full)
+    monkeypatch.setattr(engine, "atomic_save", disk_full)
     with pytest.raises(CutPasteError, match=r"could not write checkpoint .*No space left.*rerun with --resume"):
         train(tmp_path, mvtec_root, *extra)
     state_file = runstate.state_path(tmp_path / "models", "cap")

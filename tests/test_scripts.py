@@ -1,5 +1,4 @@
 """Smoke runs of the entry scripts on tiny synthetic data, and their errors on bad input."""
-import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from support import checkpoints as engine
+import demo
 import eval as eval_script
 import run_training
 from support.errors import CutPasteError
@@ -22,6 +22,20 @@ TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--no-pretrained",
 def train(tmp_path, mvtec_root, *extra, model_dir="models"):
     return run_training.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / model_dir),
                               "--log_dir", str(tmp_path / "logdirs"), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def lid_normal(tmp_path_factory, mvtec_root):
+    """One tiny 'normal' model of lid, trained once for the tests that only read a checkpoint."""
+    tmp = tmp_path_factory.mktemp("lid_normal")
+    (path,) = train(tmp, mvtec_root, "--type", "lid", "--variant", "normal")
+    return path
+
+
+def copy_model(path, tmp_path) -> Path:
+    """The checkpoint alone in a fresh model folder, for a test that changes it or evaluates that folder."""
+    (tmp_path / "models").mkdir(exist_ok=True)
+    return Path(shutil.copy(path, tmp_path / "models" / path.name))
 
 
 def run_script(script, *args, cwd):
@@ -51,8 +65,8 @@ def test_train_then_eval_all_categories(tmp_path, mvtec_root):
     assert frame["image_auroc"].iloc[-1] == pytest.approx(table["image_auroc"].iloc[:2].mean())
 
 
-def test_checkpoint_round_trip_reproduces_embeddings(tmp_path, mvtec_root):
-    (path,) = train(tmp_path, mvtec_root, "--type", "lid", "--variant", "normal")
+def test_checkpoint_round_trip_reproduces_embeddings(lid_normal):
+    path = lid_normal
     ckpt = engine.read_checkpoint(path)
     model = engine.model_from_checkpoint(ckpt, path).eval()
     x = torch.rand(3, 3, 32, 32)
@@ -62,29 +76,33 @@ def test_checkpoint_round_trip_reproduces_embeddings(tmp_path, mvtec_root):
 
 
 def test_same_seed_same_model(tmp_path, mvtec_root):
-    (a,) = train(tmp_path, mvtec_root, "--type", "lid", "--variant", "scar", "--seed", "3", model_dir="a")
-    (b,) = train(tmp_path, mvtec_root, "--type", "lid", "--variant", "scar", "--seed", "3", model_dir="b")
+    short = ("--type", "lid", "--variant", "scar", "--seed", "3", "--epochs", "2")
+    (a,) = train(tmp_path, mvtec_root, *short, model_dir="a")
+    (b,) = train(tmp_path, mvtec_root, *short, model_dir="b")
     sa, sb = engine.read_checkpoint(a)["state_dict"], engine.read_checkpoint(b)["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_densities_agree_and_auc_lines(tmp_path, mvtec_root):
-    """The Gaussian stored at the end of training scores the test set as one refitted here does."""
-    train(tmp_path, mvtec_root, "--type", "lid", "--variant", "union")
-    lines = {}
-    for kind in ("checkpoint", "torch", "sklearn"):
-        res = run_script("eval.py", "--density", kind, "--cuda", "1", "--head_layer", "2", "--save_plots", "0",
-                         "--data_dir", str(mvtec_root), cwd=tmp_path)
-        assert res.returncode == 0, res.stderr
-        lines[kind] = [ln for ln in res.stdout.splitlines() if "AUC" in ln]
+def test_densities_agree_and_auc_lines(tmp_path, mvtec_root, lid_normal, capsys):
+    """The Gaussian stored at the end of training scores the test set as one refitted here does; the published
+    command prints one 'lid AUC: ...' line (run as a process once, the other densities in this one)."""
+    copy_model(lid_normal, tmp_path)
+    legacy = ("--cuda", "1", "--head_layer", "2", "--save_plots", "0", "--data_dir", str(mvtec_root))
+    res = run_script("eval.py", "--density", "torch", *legacy, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = {"torch": [ln for ln in res.stdout.splitlines() if "AUC" in ln]}
+    for kind in ("checkpoint", "sklearn"):
+        eval_script.main(["--density", kind, *legacy, "--model_dir", str(tmp_path / "models"),
+                          "--out_dir", str(tmp_path / "Eval")])
+        lines[kind] = [ln for ln in capsys.readouterr().out.splitlines() if "AUC" in ln]
     assert len(lines["torch"]) == 1 and lines["torch"][0].startswith("lid AUC: 0.")
     for kind in ("checkpoint", "sklearn"):
         assert float(lines[kind][0].split()[-1]) == pytest.approx(float(lines["torch"][0].split()[-1]), abs=1e-6)
     assert (tmp_path / "Eval" / "models" / "results.md").exists()
 
 
-def test_stored_density_reads_no_training_image(tmp_path, mvtec_root):
-    (path,) = train(tmp_path, mvtec_root, "--type", "lid", "--variant", "normal")
+def test_stored_density_reads_no_training_image(tmp_path, mvtec_root, lid_normal):
+    path = copy_model(lid_normal, tmp_path)
     test_only = tmp_path / "test_only"
     shutil.copytree(mvtec_root / "lid", test_only / "lid", ignore=shutil.ignore_patterns("train"))
     args = ["--data_dir", str(test_only), "--model_dir", str(tmp_path / "models"), "--out_dir", str(tmp_path / "Eval"),
@@ -100,11 +118,11 @@ def test_stored_density_reads_no_training_image(tmp_path, mvtec_root):
         engine.density_from_checkpoint(ckpt, path, torch.device("cpu"))
 
 
-def test_legacy_training_command_parses(tmp_path, mvtec_root):
-    res = run_script("run_training.py", "--epochs", "2", "--test_epochs", "1", "--no-pretrained", "--cuda", "1",
-                     "--head_layer", "1", "--batch_size", "2", "--variant", "3way", "--size", "32",
-                     "--data_dir", str(mvtec_root), "--type", "cap", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+def test_legacy_training_command_parses(tmp_path, mvtec_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_training.main(["--epochs", "2", "--test_epochs", "1", "--no-pretrained", "--cuda", "1", "--head_layer", "1",
+                       "--batch_size", "2", "--variant", "3way", "--size", "32", "--data_dir", str(mvtec_root),
+                       "--type", "cap", "--workers", "0"])
     assert len(list((tmp_path / "models").glob("model-cap-*.tch"))) == 1
 
 
@@ -117,39 +135,63 @@ def one_line_error(res, *fragments):
         assert fragment in errors[0]
 
 
-def test_bad_inputs_get_one_line_errors(tmp_path, mvtec_root):
+def in_process_error(main, argv, *fragments):
+    """main(argv) raises the one-line CutPasteError that run_main prints, naming each fragment."""
+    with pytest.raises(CutPasteError) as err:
+        main(argv)
+    assert "\n" not in str(err.value)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_bad_inputs_get_one_line_errors(tmp_path, mvtec_root, monkeypatch):
+    # As a process once: run_main turns the error into one 'error:' line and exit code 2, no traceback.
     one_line_error(run_script("run_training.py", *TINY, cwd=tmp_path), "Data", "--data_dir")
-    one_line_error(run_script("run_training.py", *TINY, "--data_dir", str(mvtec_root), "--type", "bottle",
-                              cwd=tmp_path), "bottle", "--type")
+    monkeypatch.chdir(tmp_path)
+    in_process_error(run_training.main, [*TINY, "--data_dir", str(mvtec_root), "--type", "bottle"], "bottle", "--type")
     empty = tmp_path / "empty"
     (empty / "lid" / "train" / "good").mkdir(parents=True)
-    one_line_error(run_script("run_training.py", *TINY, "--data_dir", str(empty), cwd=tmp_path),
-                   "found 0 images in", "train/good")
+    in_process_error(run_training.main, [*TINY, "--data_dir", str(empty)], "found 0 images in", "train/good")
     broken = tmp_path / "broken"
     shutil.copytree(mvtec_root / "lid", broken / "lid")
     (broken / "lid" / "train" / "good" / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    one_line_error(run_script("run_training.py", *TINY, "--data_dir", str(broken), cwd=tmp_path), "003.png")
+    in_process_error(run_training.main, [*TINY, "--data_dir", str(broken)], "003.png")
     res = run_script("run_training.py", *TINY, "--variant", "mixup", cwd=tmp_path)
     assert res.returncode == 2 and "invalid choice: 'mixup'" in res.stderr
     res = run_script("eval.py", "--density", "kde", cwd=tmp_path)
     assert res.returncode == 2 and "invalid choice: 'kde'" in res.stderr
-    one_line_error(run_script("eval.py", "--model_dir", str(tmp_path / "none"), cwd=tmp_path), "none")
+    in_process_error(eval_script.main, ["--model_dir", str(tmp_path / "none")], "none")
 
 
-def test_bad_checkpoints_get_one_line_errors(tmp_path, mvtec_root):
-    (path,) = train(tmp_path, mvtec_root, "--type", "lid", "--variant", "normal")
-    args = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "models"), "--save_plots", "0"]
+def test_bad_checkpoints_get_one_line_errors(tmp_path, mvtec_root, lid_normal):
+    path = copy_model(lid_normal, tmp_path)
+    args = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "models"), "--save_plots", "0",
+            "--out_dir", str(tmp_path / "Eval")]
     ckpt = torch.load(path, weights_only=True)
     ckpt["model"]["head_layer"] = 3  # declares a layout its weights do not have
     torch.save(ckpt, path)
-    one_line_error(run_script("eval.py", *args, cwd=tmp_path), path.name, "layout")
+    in_process_error(eval_script.main, args, path.name, "layout")
     path.write_bytes(path.read_bytes()[:1000])
-    one_line_error(run_script("eval.py", *args, cwd=tmp_path), path.name, "truncated")
+    in_process_error(eval_script.main, args, path.name, "truncated")
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    res = run_script("demo.py", "--size", "32", "--epochs", "3", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert [ln for ln in res.stdout.splitlines() if "AUC" in ln][0].startswith("lid AUC: ")
+def test_help_answers_without_loading_torch():
+    """Every script parses its flags before importing torch (or pandas), so that --help answers at once."""
+    for script in ("run_training.py", "eval.py", "predict.py", "demo.py", "reproduce.py", "figures.py", "dataset.py"):
+        probe = (f"import sys, runpy; sys.argv = ['{script}', '--help']; sys.path.insert(0, {str(ROOT)!r})\n"
+                 f"try:\n    runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n"
+                 f"except SystemExit:\n    pass\n"
+                 f"print('torch' in sys.modules, 'pandas' in sys.modules)")
+        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and "usage:" in res.stdout, script + res.stderr
+        assert res.stdout.splitlines()[-1] == "False False", f"{script} --help loads torch or pandas"
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    demo.main(["--size", "32", "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert [ln for ln in out.splitlines() if "AUC" in ln][0].startswith("lid AUC: ")
+    assert "demo done in" in out.splitlines()[-1]
     assert (tmp_path / "demo_data" / "lid" / "ground_truth" / "stain").is_dir()
     assert (tmp_path / "Eval" / "models_demo" / "lid" / "roc.png").exists()
