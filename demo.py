@@ -20,6 +20,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", type=Path, default=Path("models_demo"), help="where the checkpoint is written")
     p.add_argument("--size", type=int, default=demo_data.DEMO_SIZE, help="image side in pixels")
     p.add_argument("--epochs", type=int, default=demo_data.DEMO_STEPS, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=demo_data.DEMO_BATCH_SIZE, help="clean images per step")
     p.add_argument("--variant", type=str, default=demo_data.DEMO_VARIANT, help="CutPaste variant")
     p.add_argument("--seed", type=int, default=0, help="seed for the data and the training")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
@@ -38,7 +39,7 @@ def main(argv=None):
               "--device", args.device]
     training.run(options.training_parser().parse_args(
         common + ["--no-pretrained", "--variant", args.variant, "--epochs", str(args.epochs), "--size",
-                  str(args.size), "--batch_size", str(demo_data.DEMO_BATCH_SIZE), "--seed", str(args.seed)]))
+                  str(args.size), "--batch_size", str(args.batch_size), "--seed", str(args.seed)]))
     frame = evaluation.run(options.eval_parser().parse_args(common))
     print(f"demo done in {time.perf_counter() - started:.0f} s")
     return frame

@@ -4,6 +4,7 @@
 when they are left on auto, and `describe` says them in the one start-up line.
 """
 import contextlib
+import os
 import warnings
 
 import torch
@@ -12,6 +13,8 @@ from support.errors import CutPasteError
 
 # Images per forward pass when embedding for the density (no gradients, so it can be large).
 EMBED_BATCH = 128
+# Set to 1 to run as a machine without native bf16 does (the test suite's float32 path on a bf16 CPU).
+NO_BF16_ENV = "CUTPASTE_NO_BF16"
 
 
 def resolve_device(device: str, cuda_flag: str | None = None) -> torch.device:
@@ -30,7 +33,9 @@ def resolve_device(device: str, cuda_flag: str | None = None) -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """True where bf16 runs natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX."""
+    """True where bf16 runs natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX (unless CUTPASTE_NO_BF16=1)."""
+    if os.environ.get(NO_BF16_ENV, "") == "1":
+        return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -2,15 +2,18 @@
 # Every check that needs a GPU, in one run of about five minutes, for a session lent one for a short time
 # (doc/performance.md says how to send the data with it):
 #
-#     bash gpu_checks.sh DATA_ROOT OUT_DIR
+#     bash tools/gpu_checks.sh DATA_ROOT OUT_DIR
 #
 # DATA_ROOT is an MVTec-layout root holding the category (bottle by default); the results go to OUT_DIR:
-#   cuda_tests.txt             the tests that need a CUDA device (the augmentation's CUDA graph, its prefetch)
-#   benchmark_cuda.md          benchmark.py, 3-way, 256 px, batch 32: the issue's H200 target, ours against
-#                              the reference in the same run, pipeline efficiency, host launch time, evaluation,
-#                              and ours without prefetch and with the eager augmentation (no CUDA graph)
-#   benchmark_cuda_compile.md  the same step under torch.compile, on random images (timing only)
-#   localization_cuda.txt      bench_localization.py: dense anomaly maps per second
+#   cuda_tests.txt             the tests that need a CUDA device (tests/test_cudagraphs.py: the augmentation's
+#                              CUDA graph)
+#   benchmark_cuda.md          tools/benchmark.py, 3-way, 256 px, batch 32: the issue's H200 target, ours against
+#                              the reference in the same run, the step in plain float32 NCHW, pipeline efficiency,
+#                              the step's FLOP/s, evaluation
+#   benchmark_cuda_eager.md    the same on random images with the augmentation launched kernel by kernel
+#                              (--no-cuda_graph), ours only: what the CUDA graph saves
+#   benchmark_cuda_compile.md  the same step under torch.compile, on random images, ours only
+#   localization_cuda.txt      tools/bench_localization.py: dense anomaly maps per second
 #   train_eval_cuda.txt        run_training.py (3-way, from scratch) and eval.py on the category: steps per
 #                              second and the image AUROC of a whole run on the GPU
 #   log.txt                    everything printed, with the versions of Python, torch, the GPU and CUDA
@@ -18,14 +21,13 @@
 # The environment can shrink it for a smoke run on the CPU: DEVICE, CATEGORY, SIZE, STEPS, WARMUP, REPEATS,
 # TRAIN_STEPS, LOC_IMAGES, PYTHON, and COMPILE=0 skips the compiled step.
 set -uo pipefail
-data=${1:?usage: bash gpu_checks.sh DATA_ROOT OUT_DIR}
-out=${2:?usage: bash gpu_checks.sh DATA_ROOT OUT_DIR}
+data=${1:?usage: bash tools/gpu_checks.sh DATA_ROOT OUT_DIR}
+out=${2:?usage: bash tools/gpu_checks.sh DATA_ROOT OUT_DIR}
 device=${DEVICE:-cuda}
 category=${CATEGORY:-bottle}
 size=${SIZE:-256}
-# Timed steps per measurement: a CUDA step takes milliseconds, so many more than the CPU's 5. The H200 runs had 30,
-# whose medians of the same model step differed by 2.3 %, more than the efficiency target's margin then; 100 should
-# cost about 30 s more in all (estimated from those runs' step times).
+# Timed steps per measurement: a CUDA step takes milliseconds, so many more than the CPU's 5; medians of 30 steps
+# differ by about 2 % between H200 runs of the same step, more than the efficiency target's margin.
 steps=${STEPS:-100}
 warmup=${WARMUP:-10}            # untimed steps first: cuDNN's autotuner tries its algorithms in the first ones
 repeats=${REPEATS:-3}           # evaluation timings are medians of this many runs
@@ -37,8 +39,8 @@ if [[ ! -d $data ]]; then
     exit 2
 fi
 mkdir -p "$out"
-data=$(cd "$data" && pwd) out=$(cd "$out" && pwd)  # absolute, as the scripts run from this file's folder
-cd "$(dirname "$0")"
+data=$(cd "$data" && pwd) out=$(cd "$out" && pwd)  # absolute, as the scripts run from the repository root
+cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1
@@ -58,12 +60,13 @@ check versions "$work/versions.txt" "$python" -c "import platform, torch, torchv
 print('python', platform.python_version(), 'torch', torch.__version__, 'torchvision', torchvision.__version__)
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(), 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
-check cuda_tests "$out/cuda_tests.txt" "$python" -m pytest -q -p no:cacheprovider tests/test_cudagraphs.py \
-    tests/test_prefetch.py
-check benchmark "$work/benchmark.txt" "$python" benchmark.py --device "$device" --variant 3way --size "$size" \
-    --data_dir "$data" --type "$category" --steps "$steps" --warmup "$warmup" --eval_repeats "$repeats" \
-    --out "$out/benchmark_cuda.md"
-check localization "$out/localization_cuda.txt" "$python" bench_localization.py --device "$device" \
+check cuda_tests "$out/cuda_tests.txt" "$python" -m pytest -q -p no:cacheprovider tests/test_cudagraphs.py
+check benchmark "$work/benchmark.txt" "$python" tools/benchmark.py --device "$device" --variant 3way \
+    --size "$size" --data_dir "$data" --type "$category" --steps "$steps" --warmup "$warmup" \
+    --eval_repeats "$repeats" --out "$out/benchmark_cuda.md"
+check eager "$work/eager.txt" "$python" tools/benchmark.py --device "$device" --variant 3way --size "$size" \
+    --steps "$steps" --warmup "$warmup" --no-cuda_graph --no-reference --out "$out/benchmark_cuda_eager.md"
+check localization "$out/localization_cuda.txt" "$python" tools/bench_localization.py --device "$device" \
     --size "$size" --images "$loc_images"
 check train "$work/train.txt" "$python" run_training.py --data_dir "$data" --type "$category" --variant 3way \
     --epochs "$train_steps" --size "$size" --no-pretrained --device "$device" --model_dir "$work/models" \
@@ -73,8 +76,9 @@ check eval "$work/eval.txt" "$python" eval.py --data_dir "$data" --type "$catego
 cat "$work/train.txt" "$work/eval.txt" >"$out/train_eval_cuda.txt"
 # Last, as compiling can fail where the other checks ran: Triton and the compiler differ from machine to machine.
 if [[ ${COMPILE:-1} != 0 ]]; then
-    check compile "$work/compile.txt" "$python" benchmark.py --device "$device" --variant 3way --size "$size" \
-        --steps "$steps" --warmup "$warmup" --compile --no-reference --out "$out/benchmark_cuda_compile.md"
+    check compile "$work/compile.txt" "$python" tools/benchmark.py --device "$device" --variant 3way \
+        --size "$size" --steps "$steps" --warmup "$warmup" --compile --no-reference \
+        --out "$out/benchmark_cuda_compile.md"
 fi
 
 if ((${#failed[@]})); then

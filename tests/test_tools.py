@@ -1,0 +1,65 @@
+"""Smoke runs of the developer tools in tools/ on tiny inputs; no timing is asserted beyond being positive."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_localization  # noqa: E402
+import benchmark  # noqa: E402
+import eval as eval_script  # noqa: E402
+
+
+def test_benchmark_writes_its_table(tmp_path, mvtec_root, monkeypatch):
+    # A fresh `python eval.py` costs most of this test (starting Python and importing torch), and test_scripts.py
+    # runs that command already; here its command line is checked: the script, and flags that eval.py accepts.
+    commands = []
+
+    def run_command(cmd):
+        assert cmd[:2] == [sys.executable, str(ROOT / "eval.py")]
+        eval_script.get_args_parser().parse_args(cmd[2:])
+        commands.append(cmd)
+
+    monkeypatch.setattr(benchmark, "run_command", run_command)
+    out = tmp_path / "bench.md"
+    rows = benchmark.main(["--data_dir", str(mvtec_root), "--type", "lid", "--size", "32", "--batch_size", "4",
+                           "--steps", "1", "--warmup", "1", "--ref_workers", "0", "--workers", "0",
+                           "--eval_repeats", "1", "--device", "cpu", "--out", str(out)])
+    for key in ("ours: augmentation img/s", "ours: model step img/s", "ours fp32 NCHW: model step img/s",
+                "ours: end-to-end img/s", "reference: end-to-end img/s", "speed-up end-to-end (ours / reference)",
+                "model step speed-up (ours' settings / fp32 NCHW)",
+                "ours: pipeline efficiency (model step / end-to-end time)",
+                "ours: model step GFLOP (forward + backward)", "ours: model step GFLOP/s", "machine peak GFLOP/s",
+                "ours: model step fraction of machine peak", "ours: eval in-process s",
+                "ours: eval command s (python eval.py, plots on)", "reference: eval in-process s",
+                "speed-up eval in-process (reference / ours)", "peak RSS MiB"):
+        assert rows[key] > 0, key
+    assert len(commands) == 1
+    assert "FLOP/cycle" in rows["machine peak formula"] and "MHz" in rows["machine peak formula"]
+    text = out.read_text()
+    assert "Machine: " in text and "CPU capability" in text and "torch " in text
+    for key in rows:
+        assert f"| {key} |" in text, key
+
+
+def test_bench_localization_runs_with_one_progress_bar(capsys):
+    # Small patch batches make each image's scoring long enough for a bar of its own, unless the script stops it.
+    times = bench_localization.main(["--size", "32", "--patch_size", "16", "--stride", "2", "--images", "2",
+                                     "--device", "cpu", "--patch_batch", "4"])
+    assert times.shape == (2,) and (times > 0).all()
+    captured = capsys.readouterr()
+    assert "dense maps" in captured.err and "score test patches" not in captured.err
+    assert "images/s" in captured.out
+
+
+def test_gpu_checks_script_parses_and_names_files_that_exist():
+    # Running it costs minutes on the CPU; a parse and the paths it names catch what a move of files breaks.
+    script = ROOT / "tools" / "gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"[\w./-]+\.(?:py|sh)\b", script.read_text()))
+    assert {"tests/test_cudagraphs.py", "tools/benchmark.py", "tools/bench_localization.py", "run_training.py",
+            "eval.py", "tools/gpu_checks.sh"} <= named
+    for name in named:
+        assert (ROOT / name).is_file(), f"gpu_checks.sh names {name}, which does not exist"
