@@ -20,13 +20,12 @@ from support.options import CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS
 PAPER_VARIANTS = ("normal", "scar", "3way")
 # Settings per preset. "paper": from scratch at 256 px, 32 clean images per step (the paper's batch of 64,
 # 96 for 3-way) and the 10000 steps of the earlier reimplementation's published Table 1 commands.
-# "demo": demo.py's settings on the synthetic category, monitored every 25 steps.
+# "demo": the synthetic category at 64 px, 300 steps of 32 clean images, monitored every 25 steps (doc/demo/).
 PRESETS = {
     "paper": {"data_dir": Path("Data"), "type": "all", "size": 256, "epochs": 10000, "test_epochs": 32,
               "batch_size": 32, "head_layer": 1},
     "demo": {"data_dir": Path("demo_data"), "type": demo_data.DEMO_CATEGORY, "size": demo_data.DEMO_SIZE,
-             "epochs": demo_data.DEMO_STEPS, "test_epochs": 25, "batch_size": demo_data.DEMO_BATCH_SIZE,
-             "head_layer": 1},
+             "epochs": 300, "test_epochs": 25, "batch_size": 32, "head_layer": 1},
 }
 
 

@@ -30,7 +30,7 @@ import density as density_lib
 from support import checkpoints
 from support.errors import CutPasteError
 from support.options import DEFAULT_QUANTILE, PREDICT_BATCH
-from support.runtime import bf16_supported, embed_images, memory_format, resolve_device
+from support.runtime import bf16_supported, embed_images, keep_freed_memory, memory_format, resolve_device
 
 ANOMALOUS, NORMAL, UNREADABLE = "anomalous", "normal", "error"
 # Overlay frame: red for anomalous, green for normal; width as a fraction of the image side.
@@ -264,7 +264,10 @@ def run(args) -> list[Prediction]:
     if args.batch_size < 1 or args.workers < 0 or not 0.0 <= args.quantile <= 1.0:
         raise CutPasteError("--batch_size must be positive, --workers 0 or more, --quantile in [0, 1]")
     paths = expand_inputs(args.inputs)
-    device = str(resolve_device(args.device, args.cuda))
+    device = resolve_device(args.device, args.cuda)
+    if device.type == "cpu" and args.keep_freed_memory:
+        keep_freed_memory()
+    device = str(device)
     detector = Detector.load(choose_checkpoint(args.checkpoint, args.category), device, args.amp,
                              channels_last=args.channels_last)
     if args.threshold is not None:

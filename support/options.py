@@ -72,6 +72,9 @@ def runtime_flags() -> argparse.ArgumentParser:
                    help="channels-last memory format; default (None): on with CUDA or bf16, where it is faster, "
                         "off for float32 on a CPU, where plain NCHW is faster")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images (0: the main thread)")
+    p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, have glibc's malloc keep freed memory for the next batch instead of mapping "
+                        "fresh pages (faster steps for about 0.5 GB more memory)")
     return p
 
 

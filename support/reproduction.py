@@ -16,7 +16,7 @@ from support.runtime import choose, resolve_device
 KEY = ("category", "variant", "seed", "backbone", "pretrained", "steps", "size")
 # Training options that may differ between runs sharing a folder (where and how, not what is learned).
 RUNTIME_OPTIONS = ("data_dir", "type", "model_dir", "log_dir", "device", "cuda", "workers", "amp",
-                   "channels_last", "compile", "cuda_graph", "log_every", "test_epochs")
+                   "channels_last", "compile", "cuda_graph", "keep_freed_memory", "log_every", "test_epochs")
 
 def run_name(args, variant: str, seed: int) -> str:
     init = "pretrained" if args.pretrained else "scratch"

@@ -1,5 +1,11 @@
-"""The automatic runtime settings: bf16 where native, channels-last where it is faster, flags win."""
+"""The automatic runtime settings: bf16 where native, channels-last where it is faster, flags win; malloc."""
 import argparse
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -38,3 +44,26 @@ def test_start_up_line_names_the_settings():
     line = runtime.describe(torch.device("cpu"), False, False)
     assert line.startswith("cpu (") and "threads" in line and line.endswith("float32, NCHW")
     assert runtime.describe(torch.device("cpu"), True, True).endswith("bf16 autocast, channels-last")
+
+
+_RSS_KEPT_SCRIPT = """
+import os, torch
+from support import runtime
+def kept_after_free():
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+    before = rss()
+    x = torch.ones(64 << 20, dtype=torch.uint8)
+    del x
+    return rss() - before
+print(kept_after_free() < 16 << 20, runtime.keep_freed_memory(), kept_after_free() > 48 << 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(),
+                    reason="mallopt and /proc are glibc's and Linux's")
+def test_keep_freed_memory_keeps_the_pages_of_a_freed_tensor():
+    """By default a freed 64 MB tensor goes back to the OS; after keep_freed_memory its pages stay for reuse."""
+    out = subprocess.run([sys.executable, "-c", _RSS_KEPT_SCRIPT], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "True"]
