@@ -47,15 +47,14 @@ def finished_checkpoints(args, variant: str, seed: int, categories: list[str]) -
     """The newest checkpoint per category already in the run's folder, each checked against the grid's settings."""
     model_dir = args.out_dir / "models" / run_name(args, variant, seed)
     expected = vars(options.training_parser().parse_args(train_argv(args, variant, seed, categories)))
-    found: dict[str, tuple[Path, dict]] = {}
-    for path in sorted(model_dir.glob("*.tch")) if model_dir.is_dir() else []:
-        ckpt = checkpoints.read_checkpoint(path)
-        diff = config_mismatch(ckpt, expected)
-        if diff:
-            raise CutPasteError(f"{path} was trained with other settings ({'; '.join(diff[:3])}); "
-                                f"give another --out_dir or remove that file")
-        if ckpt["category"] not in found or ckpt["created"] >= found[ckpt["category"]][1]["created"]:
-            found[ckpt["category"]] = (path, ckpt)
+    found = {}
+    for category, items in checkpoints.scan(model_dir).items():
+        for path, ckpt in items:
+            diff = config_mismatch(ckpt, expected)
+            if diff:
+                raise CutPasteError(f"{path} was trained with other settings ({'; '.join(diff[:3])}); "
+                                    f"give another --out_dir or remove that file")
+        found[category] = items[-1]
     return found
 
 
