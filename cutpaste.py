@@ -1,10 +1,7 @@
 """CutPaste augmentations (Li et al., CVPR 2021, section 3.1), batched on the training device.
 
-Every augmentation is split in two: `sample_*` draws its parameters from one injected
-torch.Generator, and `apply_*` is a pure function of the images and those parameters that
-returns a new tensor and never touches its input. The same seed gives the same batch.
-
-Images are float tensors in [0, 1] of shape (B, 3, H, W); H and W may differ.
+`sample_*` draws parameters from one injected torch.Generator; `apply_*` is a pure function of the images and
+those parameters, returning a new tensor. Images are float (B, 3, H, W) in [0, 1]; H and W may differ.
 """
 import math
 from dataclasses import dataclass
@@ -20,8 +17,7 @@ CUTPASTE_ASPECT_RATIO = (0.3, 1 / 0.3)
 SCAR_WIDTH = (2, 16)
 SCAR_HEIGHT = (10, 25)
 SCAR_MAX_ANGLE_DEG = 45.0
-# Colour jitter strength for brightness, contrast, saturation and hue, as the earlier
-# PyTorch reimplementation used (torchvision ColorJitter(0.1, 0.1, 0.1, 0.1)).
+# Colour jitter strength of the earlier reimplementation: torchvision ColorJitter(0.1, 0.1, 0.1, 0.1).
 COLOR_JITTER = 0.1
 # The jitter's steps, numbered as torchvision's ColorJitter numbers them in its random order.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -43,14 +39,9 @@ def _randint(n: int, high, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class JitterParams:
-    """Per-image colour jitter, as torchvision's ColorJitter draws it for each image.
-
-    brightness, contrast, saturation: (B,) multipliers; hue: (B,) shift in turns.
-    order: (B, 4) long, the steps (BRIGHTNESS ... HUE) image b takes at stages 0-3.
-    hue_rows: (B,) long, the images sorted by the stage of their hue step, and hue_counts how
-    many shift hue at each stage. Kept as host integers so that applying the jitter reads
-    nothing back from the device.
-    """
+    """Per-image ColorJitter: (B,) brightness, contrast, saturation multipliers and hue shift in turns;
+    order (B, 4) long, the steps (BRIGHTNESS ... HUE) at stages 0-3; hue_rows (B,) the images sorted by hue
+    stage; hue_counts, host integers (so applying reads nothing back), how many shift hue at each stage."""
     brightness: torch.Tensor
     contrast: torch.Tensor
     saturation: torch.Tensor
@@ -61,10 +52,7 @@ class JitterParams:
 
 
 def jitter_params(brightness, contrast, saturation, hue, order=None) -> JitterParams:
-    """JitterParams from explicit factors and (B, 4) step orders (default: torchvision's listing order).
-
-    Reads `order` back to the host; sample_jitter builds its parameters without doing so.
-    """
+    """JitterParams from explicit factors and (B, 4) step orders (default: torchvision's); reads `order` back."""
     n = brightness.shape[0]
     if order is None:
         order = torch.arange(JITTER_STEPS, device=brightness.device).expand(n, JITTER_STEPS)
@@ -75,13 +63,9 @@ def jitter_params(brightness, contrast, saturation, hue, order=None) -> JitterPa
 
 
 def sample_jitter(n: int, gen: torch.Generator, strength: float = COLOR_JITTER) -> JitterParams:
-    """Factors as torchvision's ColorJitter(s, s, s, s) draws them: [1-s, 1+s] and hue in [-s, s].
-
-    The order of the four steps is uniform over the 24 orders for each image, as torchvision's
-    randperm(4). The hue stages are dealt out evenly over the batch (a random permutation cut
-    into four quarters) so that the number of images per hue stage is known without reading the
-    device; the other three steps take the remaining stages in a uniformly random order.
-    """
+    """Factors as torchvision's ColorJitter(s, s, s, s) draws them: [1-s, 1+s], hue in [-s, s]; each image's
+    step order uniform over the 24, as randperm(4). Hue stages are dealt evenly over the batch (a permutation cut
+    in quarters) so their counts are known without reading the device; the other steps order at random."""
     factors = [_uniform(n, 1 - strength, 1 + strength, gen) for _ in range(3)]
     hue = _uniform(n, -strength, strength, gen)
     dev = gen.device
@@ -98,34 +82,25 @@ def sample_jitter(n: int, gen: torch.Generator, strength: float = COLOR_JITTER) 
 
 
 def _luma(like: torch.Tensor) -> torch.Tensor:
-    """The greyscale weights (1, 3, 1, 1), filled on `like`'s device rather than copied from the host,
-    which a CUDA graph could not capture. apply_jitter makes them once for all its greyscales."""
+    """Greyscale weights (1, 3, 1, 1) filled on `like`'s device: a host copy breaks CUDA graph capture."""
     return torch.stack([like.new_full((), w) for w in _LUMA]).view(1, 3, 1, 1)
 
 
 def _gray(images: torch.Tensor, luma: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) greyscale of (B, 3, H, W) images with the weights `luma` (_luma), as torchvision's
-    rgb_to_grayscale.
-
-    A product and a sum over the channels rather than an einsum, whose batched product copied the
-    images first; on the CPU the two give the same bits, in a third of the operations."""
+    """(B, 1, H, W) greyscale of (B, 3, H, W) images, as rgb_to_grayscale; a product and sum, not an einsum,
+    which copies the images first (same bits on the CPU, a third of the operations)."""
     return (images * luma).sum(dim=1, keepdim=True)
 
 
 def _triangle(k: torch.Tensor) -> torch.Tensor:
-    """HSV-to-RGB's periodic ramp clamp(min(k, 4 - k), 0, 1) of period 6, for k in [0, 12):
-    the two periods written out, as masks and remainders cost more than these passes on the CPU."""
+    """HSV-to-RGB's ramp clamp(min(k, 4 - k), 0, 1) of period 6 for k in [0, 12), both periods written out."""
     return torch.minimum(k, 4 - k).clamp_(0, 1).add_(torch.minimum(k - 6, 10 - k).clamp_(0, 1))
 
 
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's HSV hue by `shift` (n,) turns, keeping saturation and value.
-
-    torchvision's adjust_hue goes RGB -> HSV -> RGB. Value (max) and chroma (max - min) stay, so
-    channel c becomes max - chroma * ramp((n_c + 6 h) mod 6) with n = 5, 3, 1 for red, green,
-    blue: the standard HSV-to-RGB formula, without the six candidate images torchvision stacks.
-    The hue h (in sixths) follows torchvision: the largest channel decides, red before green.
-    """
+    """Rotate each image's HSV hue by `shift` (n,) turns, as adjust_hue: value and chroma stay, so channel c
+    becomes max - chroma * ramp((n_c + 6 h) mod 6), n = 5, 3, 1 for R, G, B, without torchvision's six stacked
+    candidates. The hue h (in sixths) follows torchvision: the largest channel decides, red before green."""
     r, g, b = images.unbind(dim=1)
     high = torch.maximum(torch.maximum(r, g), b)
     chroma = high - torch.minimum(torch.minimum(r, g), b)
@@ -135,17 +110,15 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # Greys have chroma 0 and numerator 0; the floor on the divisor keeps them at hue 0, not NaN.
     sextant = (red * (g - b) + green * (b - r) + blue * (r - g)).div_(chroma.clamp(min=torch.finfo(chroma.dtype).tiny))
     sextant = sextant.add_(green * 2 + blue * 4).add_(6 * shift.view(-1, 1, 1)).remainder_(6)
-    # The three channels at once, broadcast over their offsets: each pixel takes the same arithmetic as
-    # channel by channel (the same bits), in a third of the operations that bound a step on a GPU.
+    # All three channels broadcast over their offsets: the same bits, a third of the GPU operations.
     offsets = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     ramp = _triangle(sextant.unsqueeze(1) + offsets)
     return torch.addcmul(high.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1)
 
 
 def _blend_stage(images: torch.Tensor, step: torch.Tensor, factors: torch.Tensor, weights, luma) -> torch.Tensor:
-    """Each image's brightness, contrast or saturation step (`step` (n,), none HUE), with its (n, 3)
-    `factors` in that order: a blend with black, the grey mean, or the greyscale image, clamped to
-    [0, 1], as torchvision's _blend."""
+    """Each image's brightness, contrast or saturation `step` (n,) with its (n, 3) `factors`: torchvision's
+    _blend with black, the grey mean, or the greyscale image, clamped to [0, 1]."""
     factor = factors.gather(1, step.view(-1, 1)).view(-1, 1, 1, 1)
     gray = _gray(images, luma)
     if weights is None:
@@ -158,8 +131,7 @@ def _blend_stage(images: torch.Tensor, step: torch.Tensor, factors: torch.Tensor
 
 
 def _jitter_by_stage(images, p: JitterParams, factors, weights, out, luma) -> None:
-    """The whole batch stage by stage, the images that shift hue at that stage apart from those
-    that blend, so that the number of operations does not grow with the batch."""
+    """The batch stage by stage, hue shifts apart from blends, so the operation count does not grow with B."""
     x, start = images, 0
     for stage, count in enumerate(p.hue_counts):
         hue_rows = p.hue_rows[start:start + count]
@@ -169,8 +141,7 @@ def _jitter_by_stage(images, p: JitterParams, factors, weights, out, luma) -> No
         if blend_rows.numel():  # a host-side size: hue_counts are host integers
             w = None if weights is None else weights.index_select(0, blend_rows)
             step = p.order.index_select(0, blend_rows)[:, stage]
-            blended = _blend_stage(x.index_select(0, blend_rows), step, factors.index_select(0, blend_rows), w,
-                                   luma)
+            blended = _blend_stage(x.index_select(0, blend_rows), step, factors.index_select(0, blend_rows), w, luma)
             nxt.index_copy_(0, blend_rows, blended)
         if count:
             nxt.index_copy_(0, hue_rows, _shift_hue(x.index_select(0, hue_rows), p.hue.index_select(0, hue_rows)))
@@ -178,14 +149,9 @@ def _jitter_by_stage(images, p: JitterParams, factors, weights, out, luma) -> No
 
 
 def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) -> torch.Tensor:
-    """torchvision's ColorJitter on each image (B, 3, H, W) in [0, 1], with that image's factors and order.
-
-    Brightness, contrast and saturation are torchvision's blends, each clamped; hue is its HSV
-    shift. `weights` (B, 1, H, W) of 0/1, when given, restricts contrast's grey mean to the pixels
-    marked 1, as if only those pixels were the image (the packed CutPaste patches). The result goes
-    to `out` (B, 3, H, W) when given, in whatever memory format it has, else to a new tensor;
-    `images` is never changed.
-    """
+    """torchvision's ColorJitter on each image (B, 3, H, W) in [0, 1] with its factors and order. `weights`
+    (B, 1, H, W) of 0/1 restricts contrast's grey mean to the pixels marked 1 (the packed CutPaste patches).
+    Writes to `out` (B, 3, H, W, any memory format) if given, else a new tensor; `images` is never changed."""
     out = torch.empty_like(images) if out is None else out
     factors = torch.stack([p.brightness, p.contrast, p.saturation], dim=1)
     _jitter_by_stage(images, p, factors, weights, out, _luma(images))
@@ -194,11 +160,8 @@ def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) 
 
 @dataclass(frozen=True)
 class PasteParams:
-    """Per-image (B,) geometry of a pasted patch, in pixels.
-
-    The patch is the `height` x `width` box centred at (src_y, src_x) in the source image,
-    rotated by `angle` (radians) and pasted centred at (dst_y, dst_x).
-    """
+    """Per-image (B,) geometry in pixels: the `height` x `width` box centred at (src_y, src_x), rotated by
+    `angle` (radians) and pasted centred at (dst_y, dst_x)."""
     src_y: torch.Tensor
     src_x: torch.Tensor
     dst_y: torch.Tensor
@@ -228,10 +191,7 @@ def sample_cutpaste(n: int, img_h: int, img_w: int, gen: torch.Generator) -> Pas
 
 
 def sample_scar(n: int, img_h: int, img_w: int, gen: torch.Generator) -> PasteParams:
-    """CutPaste-scar boxes: integer width/height in SCAR_WIDTH/SCAR_HEIGHT, angle in +-SCAR_MAX_ANGLE_DEG.
-
-    The destination centre keeps the whole rotated box inside the image.
-    """
+    """Scar boxes: integer sides in SCAR_WIDTH/SCAR_HEIGHT, angle in +-SCAR_MAX_ANGLE_DEG, rotated box inside."""
     width = (_randint(n, SCAR_WIDTH[1] - SCAR_WIDTH[0], gen) + SCAR_WIDTH[0]).clamp(max=img_w)
     height = (_randint(n, SCAR_HEIGHT[1] - SCAR_HEIGHT[0], gen) + SCAR_HEIGHT[0]).clamp(max=img_h)
     angle = torch.deg2rad(_uniform(n, -SCAR_MAX_ANGLE_DEG, SCAR_MAX_ANGLE_DEG, gen))
@@ -245,36 +205,23 @@ def sample_scar(n: int, img_h: int, img_w: int, gen: torch.Generator) -> PastePa
 
 
 def max_patch_pixels(img_h: int, img_w: int) -> int:
-    """An upper bound on the pixels of any CutPaste or scar box at H x W.
-
-    A CutPaste box has sides round(sqrt(A a)) and round(sqrt(A / a)) for area A and aspect a, so
-    at most (sqrt(A a) + 1/2) (sqrt(A / a) + 1/2) pixels, largest at the extreme aspect. A static
-    size lets the patches be cut without reading their sizes back from the device.
-    """
+    """Upper bound on any box's pixels at H x W, so patches are cut without reading sizes back: sides round(sqrt(A a))
+    and round(sqrt(A / a)) give at most (sqrt(A a) + 1/2) (sqrt(A / a) + 1/2), largest at the extreme aspect a."""
     area = CUTPASTE_AREA_RATIO[1] * img_h * img_w
     spread = max(math.sqrt(a) + 1 / math.sqrt(a) for a in CUTPASTE_ASPECT_RATIO)
     cutpaste = math.floor(area + math.sqrt(area) * spread / 2 + 0.25)
     return min(img_h * img_w, max(cutpaste, SCAR_WIDTH[1] * SCAR_HEIGHT[1]))
 
 
-def _box_corner(p: PasteParams):
-    """Top row and left column of each source box, (B, 1) float (whole numbers)."""
-    return (p.src_y - (p.height - 1) / 2).view(-1, 1), (p.src_x - (p.width - 1) / 2).view(-1, 1)
-
-
 def cut_patches(images: torch.Tensor, p: PasteParams):
-    """Each image's source box, packed row by row into K = max_patch_pixels(H, W) slots.
-
-    Returns pixels (B, 3, 1, K) and weights (B, 1, 1, K), 1 on the box's height * width pixels
-    and 0 on the padding after them. The patch is jittered in this form, about 15 % of the image's
-    pixels at most, and its contrast mean is that of the box alone, as when the earlier
-    reimplementation jittered the cropped patch.
-    """
+    """Each source box packed row by row into K = max_patch_pixels(H, W) slots: pixels (B, 3, 1, K) and weights
+    (B, 1, 1, K), 1 on the box, 0 on the padding, so jitter's contrast mean is the box's, as the earlier
+    reimplementation's jitter of the cropped patch."""
     b, c, h, w = images.shape
     slot = torch.arange(max_patch_pixels(h, w), device=images.device, dtype=torch.float32).view(1, -1)
     width = p.width.view(-1, 1)
     row = torch.div(slot, width, rounding_mode="floor")
-    top, left = _box_corner(p)
+    top, left = (p.src_y - (p.height - 1) / 2).view(-1, 1), (p.src_x - (p.width - 1) / 2).view(-1, 1)
     index = ((top + row).clamp(max=h - 1) * w + left + slot - row * width).long()
     pixels = torch.gather(images.reshape(b, c, h * w), 2, index.unsqueeze(1).expand(b, c, -1))
     weights = (row < p.height.view(-1, 1)).to(images.dtype)
@@ -282,34 +229,25 @@ def cut_patches(images: torch.Tensor, p: PasteParams):
 
 
 def paste_mask_and_slot(p: PasteParams, img_h: int, img_w: int):
-    """Which pixels the patch covers, (B, H, W) bool, and for each the slot of cut_patches'
-    packing it copies, (B, H, W) long.
-
-    A destination pixel maps back into the source box through the inverse rotation about the
-    patch centre; with angle 0 this is an exact integer shift of an axis-parallel box.
-    """
+    """The pixels the patch covers (B, H, W) bool, and the slot of cut_patches' packing each copies (B, H, W)
+    long, by the inverse rotation about the patch centre (with angle 0 an exact integer shift)."""
     dev = p.src_y.device
     ys = torch.arange(img_h, device=dev, dtype=torch.float32).view(1, -1, 1)
     xs = torch.arange(img_w, device=dev, dtype=torch.float32).view(1, 1, -1)
     height, width = p.height.view(-1, 1, 1), p.width.view(-1, 1, 1)
-    rel_y = ys - p.dst_y.view(-1, 1, 1)
-    rel_x = xs - p.dst_x.view(-1, 1, 1)
+    rel_y, rel_x = ys - p.dst_y.view(-1, 1, 1), xs - p.dst_x.view(-1, 1, 1)
     cos, sin = torch.cos(p.angle).view(-1, 1, 1), torch.sin(p.angle).view(-1, 1, 1)
     u = cos * rel_x + sin * rel_y  # patch-frame coordinates (inverse rotation)
     v = -sin * rel_x + cos * rel_y
     inside = (u.abs() < width / 2) & (v.abs() < height / 2)
-    # Row and column inside the box; clamped so that a rounding error at a rotated edge cannot
-    # read the packing's padding.
+    # Clamped so that a rounding error at a rotated edge cannot read the packing's padding.
     row = torch.floor(v + height / 2).clamp_(min=0).minimum(height - 1)
     col = torch.floor(u + width / 2).clamp_(min=0).minimum(width - 1)
     return inside, (row * width + col).long()
 
 
 def apply_paste(images: torch.Tensor, patches: torch.Tensor, p: PasteParams, out=None) -> torch.Tensor:
-    """Paste the patches described by `p` onto a copy of `images` (B, 3, H, W), written to `out` if given.
-
-    patches: (B, 3, 1, K) packed source boxes, as cut_patches returns them (jittered or not).
-    """
+    """Paste `patches` (B, 3, 1, K), as cut_patches packs them, onto a copy of `images` (B, 3, H, W) or `out`."""
     b, c, h, w = images.shape
     inside, slot = paste_mask_and_slot(p, h, w)
     slot = slot.view(b, 1, h * w).expand(b, c, h * w)
@@ -322,11 +260,8 @@ def _select(mask: torch.Tensor, a: PasteParams, b: PasteParams) -> PasteParams:
 
 
 def cutpaste_views(images: torch.Tensor, kind: str, gen: torch.Generator, out=None) -> torch.Tensor:
-    """One augmented view per image: 'cutpaste', 'scar' or 'union' (each image either, with p = 0.5).
-
-    The patch comes from the same image and gets its own colour jitter (section 3.1), computed on
-    the cut patch alone as the earlier reimplementation did.
-    """
+    """One view per image: 'cutpaste', 'scar' or 'union' (either, p = 0.5); the patch, from the same image, gets
+    its own colour jitter (section 3.1), computed on the cut patch alone as the earlier reimplementation did."""
     n, _, h, w = images.shape
     if kind == "cutpaste":
         params = sample_cutpaste(n, h, w, gen)
@@ -349,14 +284,9 @@ def sample_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tenso
 
 
 def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator):
-    """The variant's self-supervised batch built from clean float images `base` (B, 3, H, W) in [0, 1].
-
-    Returns x (k * B, 3, H, W) and labels (k * B,) long, with k the variant's class count: clean
-    images (0), then CutPaste or union (1), then scar (2 in 3-way, 1 in the scar variant). Colour
-    jitter is applied to the whole image first, as the earlier reimplementation did. The boxes are
-    sampled for H x W, so with patches (section 2.4) CutPaste happens inside each patch. Each view
-    is written straight into its slice of x.
-    """
+    """The variant's batch from clean `base` (B, 3, H, W) in [0, 1]: x (k * B, 3, H, W), labels (k * B,) long for
+    k classes: clean (0), CutPaste or union (1), scar (2 in 3-way, 1 in scar). The whole image is jittered first,
+    as the earlier reimplementation did; boxes fit H x W, so with patches (section 2.4) they stay inside each."""
     if variant not in VARIANT_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     b = base.shape[0]
@@ -365,18 +295,14 @@ def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator):
     clean = apply_jitter(base, sample_jitter(b, gen), out=x[:b])
     for view, kind in enumerate(kinds, start=1):
         cutpaste_views(clean, kind, gen, out=x[view * b:(view + 1) * b])
-    # Expanded rather than repeat_interleave'd: the same labels, and no chance of a read back to the host,
-    # which a CUDA graph of the batch (cudagraphs.py) could not capture.
+    # Expanded, not repeat_interleave'd: no read back to the host, which cudagraphs.py could not capture.
     labels = torch.arange(1 + len(kinds), device=base.device).view(-1, 1).expand(-1, b).reshape(-1)
     return x, labels
 
 
 def make_batch(images_u8: torch.Tensor, variant: str, batch_size: int, gen: torch.Generator):
-    """Sample `batch_size` training images and build the variant's self-supervised batch (see augment_batch).
-
-    images_u8: (N, 3, H, W) uint8 on the generator's device.
-    Returns x (k * batch_size, 3, H, W) float in [0, 1] and labels (k * batch_size,) long.
-    """
+    """augment_batch of `batch_size` images sampled from images_u8 (N, 3, H, W) uint8 on the generator's device:
+    x (k * batch_size, 3, H, W) float in [0, 1] and labels (k * batch_size,) long."""
     if variant not in VARIANT_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     idx = sample_indices(images_u8.shape[0], batch_size, gen)

@@ -6,13 +6,8 @@ Layout (Bergmann et al., CVPR 2019)::
     <root>/<category>/test/<defect or good>/*.png
     <root>/<category>/ground_truth/<defect>/<stem>_mask.png
 
-Images are decoded and resized once into a uint8 tensor of shape (N, 3, size, size);
-the training loop samples and augments batches from that tensor on the device.
-
-torch is imported inside the functions that make tensors, so that `python dataset.py --help` answers
-at once. As a script it fetches the data (support/download.py):
-
-    python dataset.py --download Data
+Images are decoded and resized once into uint8 (N, 3, size, size). torch is imported inside the functions that
+make tensors, so `python dataset.py --help` answers at once; `python dataset.py --download Data` fetches the data.
 """
 import argparse
 import warnings
@@ -84,7 +79,6 @@ def resolve_categories(root: Path, types: str) -> list[str]:
 
 
 def list_train_images(root: Path, category: str) -> list[Path]:
-    """Sorted clean training images of a category."""
     folder = category_dir(root, category) / "train" / GOOD
     files = _images_in(folder) if folder.is_dir() else []
     if not files:
@@ -130,8 +124,7 @@ def load_image(path: Path, size: int):
 
 
 def load_mask(mask_path: Path, image_path: Path, size: int):
-    """Binary mask (size, size) bool tensor, nearest-neighbour resized; None with a warning when it does not fit
-    its image."""
+    """Binary mask (size, size) bool, nearest-neighbour resized; None with a warning when it does not fit its image."""
     import torch
     try:
         with Image.open(mask_path) as mask, Image.open(image_path) as img:
@@ -146,17 +139,12 @@ def load_mask(mask_path: Path, image_path: Path, size: int):
 
 
 def load_images(paths: list[Path], size: int, workers: int = 0):
-    """Decode and resize all `paths` once into a uint8 tensor (N, 3, size, size).
-
-    workers > 0 decodes in that many threads (PIL releases the GIL while decoding).
-    """
+    """uint8 (N, 3, size, size) of all `paths`, in `workers` threads if > 0 (PIL releases the GIL decoding)."""
     import torch
     if workers > 0:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            images = list(pool.map(lambda p: load_image(p, size), paths))
-    else:
-        images = [load_image(p, size) for p in paths]
-    return torch.stack(images)
+            return torch.stack(list(pool.map(lambda p: load_image(p, size), paths)))
+    return torch.stack([load_image(p, size) for p in paths])
 
 
 class MVTecTrain:
@@ -174,10 +162,8 @@ class MVTecTrain:
 
 
 class MVTecTest:
-    """Test images of one category: uint8 `images` (N, 3, S, S), `labels` (N,), `defects`, `masks` (N, S, S).
-
-    Masks are all-zero for good images and for defects whose mask is missing (`has_mask` False).
-    """
+    """Test images: uint8 `images` (N, 3, S, S), `labels` (N,), `defects`, `masks` (N, S, S), all-zero for good
+    images and for defects whose mask is missing (`has_mask` False)."""
 
     def __init__(self, root: Path, category: str, size: int, workers: int = 0):
         import torch
@@ -185,13 +171,9 @@ class MVTecTest:
         self.images = load_images([it.path for it in self.items], size, workers)
         self.labels = torch.tensor([it.label for it in self.items])
         self.defects = [it.defect for it in self.items]
-        masks, has_mask = [], []
-        for it in self.items:
-            mask = load_mask(it.mask_path, it.path, size) if it.mask_path is not None else None
-            has_mask.append(mask is not None or it.label == 0)
-            masks.append(mask if mask is not None else torch.zeros(size, size, dtype=torch.bool))
-        self.masks = torch.stack(masks)
-        self.has_mask = torch.tensor(has_mask)
+        masks = [load_mask(it.mask_path, it.path, size) if it.mask_path is not None else None for it in self.items]
+        self.masks = torch.stack([torch.zeros(size, size, dtype=torch.bool) if m is None else m for m in masks])
+        self.has_mask = torch.tensor([m is not None or it.label == 0 for m, it in zip(masks, self.items)])
 
     def __len__(self):
         return len(self.items)

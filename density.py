@@ -1,15 +1,10 @@
 """Gaussian density estimators on embeddings (Li et al., CVPR 2021, section 3.3).
 
-The anomaly score of an embedding f is its Mahalanobis distance to the Gaussian fitted on the
-clean training embeddings,  sqrt((f - mu)^T Sigma^-1 (f - mu)),  with Sigma the Ledoit-Wolf
-shrinkage estimate (Ledoit & Wolf, "A well-conditioned estimator for large-dimensional
-covariance matrices", J. Multivariate Analysis 2004), which stays invertible when there are
-fewer training images than dimensions. Both estimators expect L2-normalised embeddings
-(see `normalize`), as the paper's code does.
-
-Also here: held-out scores of the clean training images, whose quantiles are predict.py's
-thresholds; the standardisation that lets an ensemble average several models' scores; and the
-patch-level Gaussians of dense localization (section 4.2, appendix A.5).
+The score of embedding f is sqrt((f - mu)^T Sigma^-1 (f - mu)) under the Gaussian of the clean training
+embeddings, Sigma the Ledoit-Wolf estimate (Ledoit & Wolf, "A well-conditioned estimator for large-dimensional
+covariance matrices", J. Multivariate Analysis 2004), invertible with fewer images than dimensions. Embeddings
+are L2-normalised first, as the paper's code does. Also: held-out scores (predict.py's thresholds), ensemble
+standardisation, and the patch Gaussians of localization (section 4.2, appendix A.5).
 """
 import torch
 import torch.nn.functional as F
@@ -27,11 +22,8 @@ def normalize(embeds: torch.Tensor) -> torch.Tensor:
 
 
 def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Ledoit-Wolf shrunk covariance of (N, D) samples, and the shrinkage in [0, 1].
-
-    Sigma = (1 - s) S + s * mu I with S the empirical covariance, mu = tr(S) / D and
-    s = min(beta, delta) / delta, beta and delta as in Ledoit & Wolf (2004), lemmas 3.2-3.4.
-    """
+    """Ledoit-Wolf covariance (D, D) of (N, D) samples and shrinkage s in [0, 1]: (1 - s) S + s * mu I, S empirical,
+    mu = tr(S) / D, s = min(beta, delta) / delta as in Ledoit & Wolf (2004), lemmas 3.2-3.4."""
     n, d = x.shape
     xc = (x - x.mean(dim=0)).double()
     emp = xc.T @ xc / n
@@ -101,7 +93,6 @@ def as_torch(density, device: torch.device | str | None = None) -> GaussianDensi
 
 
 def make_density(name: str):
-    """A fresh estimator by name ('torch' or 'sklearn')."""
     if name not in DENSITIES:
         raise ValueError(f"unknown density {name!r}; choose one of {', '.join(DENSITIES)}")
     return DENSITIES[name]()
@@ -114,12 +105,8 @@ def fit_and_score(train_embeds: torch.Tensor, test_embeds: torch.Tensor, kind: s
 
 
 def heldout_scores(train_embeds: torch.Tensor, kind: str = "torch", folds: int = HELDOUT_FOLDS) -> torch.Tensor:
-    """(N, D) clean embeddings -> (N,) scores, image i scored by a Gaussian fitted without fold i % folds.
-
-    The in-sample scores of the training images run low, so a threshold taken from them would flag
-    too many new clean images; the q-quantile of these held-out scores is exceeded by about 1 - q of
-    them. The folds interleave the (sorted) images. Empty when there are fewer than 3 images.
-    """
+    """(N, D) clean embeddings -> (N,) scores, image i by a Gaussian fitted without fold i % folds (empty if N < 3).
+    In-sample scores run low; about 1 - q of new clean images exceed the q-quantile of these held-out ones."""
     n = train_embeds.shape[0]
     folds = min(folds, n)
     if n < 3 or folds < 2:
@@ -141,8 +128,7 @@ def quantile_threshold(scores: torch.Tensor, quantile: float) -> float:
 
 
 def normalized_scores(train_scores: torch.Tensor, test_scores: torch.Tensor) -> torch.Tensor:
-    """Test scores standardised by the mean and standard deviation of the same model's clean training scores,
-    which puts the Mahalanobis distances of different models on one scale before an ensemble averages them."""
+    """Test scores standardised by the mean and std of the model's clean training scores, for ensemble averaging."""
     train_scores = train_scores.double()
     std = train_scores.std()
     if not torch.isfinite(std) or std <= 0:
@@ -159,9 +145,8 @@ def ensemble_scores(members: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.T
 
 
 class PatchGaussians:
-    """Gaussians on L2-normalised patch embeddings: one shared by all positions, or one per location cell
-    (`local`), as Li et al. (appendix A.5) do for aligned objects, where a patch normal in one place (a rim)
-    is a defect in another (the bottle's floor)."""
+    """Gaussians on normalised patch embeddings: one shared, or one per location cell (`local`), as Li et al.
+    (appendix A.5) do for aligned objects, where a patch normal in one place (a rim) is a defect in another."""
 
     def __init__(self, kind: str = "torch", local: bool = False):
         self.kind, self.local = kind, local

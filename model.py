@@ -1,7 +1,6 @@
 """Backbone + projection head (Li et al., CVPR 2021, section 4.1). Modules only: no I/O, no device choice.
 
-The paper uses ResNet18; any torchvision classification model whose classifier ends in a Linear
-layer can stand in for it (the earlier reimplementation's TODO asked for EfficientNet-B4).
+The paper uses ResNet18; any torchvision classification model whose classifier ends in a Linear layer can stand in.
 """
 import torch
 from torch import nn
@@ -9,12 +8,10 @@ from torchvision import models
 
 from support.options import DEFAULT_ARCH  # the paper's backbone, resnet18
 
-# ImageNet statistics used by torchvision's pretrained weights; applied inside the model so that
-# every caller feeds images in [0, 1] and the checkpoint carries the normalisation with it.
+# ImageNet statistics, applied inside the model so callers feed [0, 1] and checkpoints carry the normalisation.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Width of the hidden head layers and of the last layer before the classifier, as in the earlier
-# reimplementation's README: head_layer x 512, then 128, then the 2- or 3-way output.
+# Head widths as the earlier reimplementation's README: head_layer x 512, then 128, then the 2- or 3-way output.
 HEAD_WIDTH = 512
 HEAD_LAST = 128
 
@@ -29,30 +26,19 @@ def backbone_names() -> list[str]:
     return models.list_models(module=models)
 
 
-def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
-    """The classifier: the last nn.Linear in module order, with its dotted name."""
-    linears = [(name, mod) for name, mod in net.named_modules() if isinstance(mod, nn.Linear)]
-    if not linears:
-        raise ValueError("it has no Linear classifier to remove")
-    return linears[-1]
-
-
 def classification_backbone(arch: str) -> tuple[nn.Module, str, int]:
-    """torchvision model `arch` (random weights) with its last Linear layer replaced by Identity.
-
-    Returns (backbone, name of the removed layer, embedding width): (B, 3, H, W) -> (B, width), the
-    width being the removed layer's input size (512 for resnet18, 1280 for efficientnet_b0). Dropout
-    beside that layer goes too, so that training sees the same embedding the density is fitted on.
-    """
+    """torchvision model `arch` (random weights), its last Linear layer and the Dropout beside it replaced by
+    Identity (so training sees the embedding the density fits): (backbone (B, 3, H, W) -> (B, width), removed
+    layer's name, width), e.g. 512 for resnet18."""
     if arch not in backbone_names():
         raise ValueError(f"unknown torchvision classification model {arch!r}")
     net = models.get_model(arch, weights=None)
     if getattr(net, "aux_logits", False):
         raise ValueError(f"{arch} returns auxiliary classifier outputs while training, which are not supported")
-    try:
-        name, linear = _last_linear(net)
-    except ValueError as err:
-        raise ValueError(f"{arch}: {err}") from None
+    linears = [(name, mod) for name, mod in net.named_modules() if isinstance(mod, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{arch}: it has no Linear classifier to remove")
+    name, linear = linears[-1]
     parent_name, _, leaf = name.rpartition(".")
     parent = net.get_submodule(parent_name)
     setattr(parent, leaf, nn.Identity())
@@ -63,15 +49,9 @@ def classification_backbone(arch: str) -> tuple[nn.Module, str, int]:
 
 
 class ProjectionNet(nn.Module):
-    """Backbone + MLP head.
-
-    forward(x): x (B, 3, H, W) float in [0, 1] -> (embeds (B, D), logits (B, num_classes)), with
-    D = embed_dim (512 for resnet18). The embeddings (the backbone's pooled features) feed the
-    Gaussian density; the logits the self-supervised CutPaste classification loss.
-
-    The backbone is registered under the architecture's name (self.resnet18 for resnet18), so that
-    resnet18 checkpoints keep the keys they always had; `backbone` reaches it whatever the name.
-    """
+    """Backbone + MLP head: x (B, 3, H, W) in [0, 1] -> (embeds (B, embed_dim) for the Gaussian density, logits
+    (B, num_classes) for the CutPaste loss). The backbone is registered under the arch's name (self.resnet18)
+    so resnet18 checkpoints keep their keys; `backbone` reaches it whatever the name."""
 
     def __init__(self, head_dims: list[int], num_classes: int, arch: str = DEFAULT_ARCH):
         super().__init__()

@@ -3,11 +3,9 @@
     python reproduce.py --preset demo --figures_dir doc/demo       # synthetic category, minutes on a CPU
     python reproduce.py --data_dir Data --device cuda --seeds 0,1,2,3,4 --ensemble --figures_dir doc/mvtec
 
-Each (variant, seed) run trains as run_training.py does into <out_dir>/models/<run>/ (tensorboard
-logs in <out_dir>/logdirs/<run>/) and is scored as eval.py scores; every result is one
-row of the tidy CSV <out_dir>/results.csv. A category that already has a checkpoint in its run folder
-is not trained again and a row already in the CSV is not evaluated again, so an interrupted grid
-resumes where it stopped. figures.py turns the CSV into the README's figures and table.
+Each (variant, seed) run trains as run_training.py into <out_dir>/models/<run>/ and is scored as eval.py; every
+result is one row of <out_dir>/results.csv. Checkpoints and rows already there are not redone, so an interrupted
+grid resumes where it stopped. figures.py turns the CSV into the README's figures and table.
 """
 import argparse
 from pathlib import Path
@@ -18,9 +16,8 @@ from support.options import CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS
 
 # Table 1's single-model columns, as --variant values.
 PAPER_VARIANTS = ("normal", "scar", "3way")
-# Settings per preset. "paper": from scratch at 256 px, 32 clean images per step (the paper's batch of 64,
-# 96 for 3-way) and the 10000 steps of the earlier reimplementation's published Table 1 commands.
-# "demo": the synthetic category at 64 px, 300 steps of 32 clean images, monitored every 25 steps (doc/demo/).
+# "paper": 32 clean images per step (the paper's batch of 64, 96 for 3-way) and the 10000 steps of the earlier
+# reimplementation's published Table 1 commands. "demo": the synthetic category (doc/demo/).
 PRESETS = {
     "paper": {"data_dir": Path("Data"), "type": "all", "size": 256, "epochs": 10000, "test_epochs": 32,
               "batch_size": 32, "head_layer": 1},
@@ -59,8 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures_dir", type=Path, default=None,
                    help="when given, copy the CSV there and draw the figures and table into it with figures.py")
     p.add_argument("--density", type=str, choices=(CHECKPOINT_DENSITY, *DENSITY_ESTIMATORS),
-                   default=CHECKPOINT_DENSITY,
-                   help="Gaussian density for evaluation, as eval.py --density")
+                   default=CHECKPOINT_DENSITY, help="Gaussian density for evaluation, as eval.py --density")
     p.add_argument("--save_plots", type=int, choices=(0, 1), default=0,
                    help="1 writes eval.py's per-category plots under <out_dir>/eval/")
     p.add_argument("--train_args", type=str, default="",
@@ -73,7 +69,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args) -> argparse.Namespace:
-    """Fill unset options from the preset; parse the lists; check them."""
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

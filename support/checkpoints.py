@@ -1,9 +1,7 @@
-"""Self-describing checkpoints: weights, config, category, density and code version in one file.
+"""Self-describing checkpoints (weights, config, category, density, code version), loaded strictly, weights_only.
 
-Evaluation and prediction rebuild the model from what the file says; loading is strict and uses
-`weights_only=True`. Also here: the one atomic write, the one scan of a checkpoint folder, and
-torchvision's ImageNet weights read from its cache (they cannot be fetched on every machine).
-"""
+Also here: the one atomic write, the one scan of a checkpoint folder, and torchvision's ImageNet weights read from
+its cache (they cannot be fetched on every machine)."""
 import contextlib
 import datetime
 import os
@@ -29,17 +27,8 @@ CHECKPOINT_KEYS = ("format", "category", "config", "model", "state_dict", "densi
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: Path, write, mode: str = "wb") -> None:
-    """write(file) into a temporary file beside `path`, fsync, then rename over `path`.
-
-    A crash or a full disk mid-write leaves any previous file at `path` intact.
-    """
+    """write(file) into a temporary file beside `path`, fsync, rename over `path`: a crash leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,7 +37,9 @@ def atomic_write(path: Path, write, mode: str = "wb") -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shared folders stay shared
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; shared folders stay shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -57,15 +48,13 @@ def atomic_write(path: Path, write, mode: str = "wb") -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save through atomic_write."""
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def code_version() -> str:
     """The git commit of this code (with '-dirty' when modified), or 'unknown' outside a checkout."""
-    here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here,
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5, check=True)
         return rev.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -73,7 +62,6 @@ def code_version() -> str:
 
 
 def weights_cache_path(weights) -> Path:
-    """Where torchvision's weights API caches `weights` (a torchvision WeightsEnum member)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
@@ -86,10 +74,9 @@ def load_pretrained_state(weights) -> dict:
         try:
             torch.hub.download_url_to_file(weights.url, str(path), progress=True)
         except (urllib.error.URLError, OSError, TimeoutError) as err:
-            raise CutPasteError(
-                f"ImageNet weights are not cached at {path} and could not be downloaded ({err}); "
-                f"download {weights.url} to that path (or set TORCH_HOME), or train with --no-pretrained"
-            ) from None
+            raise CutPasteError(f"ImageNet weights are not cached at {path} and could not be downloaded ({err}); "
+                                f"download {weights.url} to that path (or set TORCH_HOME), "
+                                f"or train with --no-pretrained") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
     try:
@@ -115,7 +102,6 @@ def load_imagenet_backbone(model: ProjectionNet) -> None:
 
 def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, density, train_scores,
                     **extra) -> dict:
-    """A self-describing checkpoint: weights, the full config, the fitted density, the code version."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
     return {
         "format": CHECKPOINT_FORMAT, "code_version": code_version(),
@@ -134,7 +120,6 @@ def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, densi
 
 
 def read_checkpoint(path: Path) -> dict:
-    """Load and validate a checkpoint file (tensors on the CPU); errors name the file."""
     try:
         # mmap: only the tensors used are read, so matching a category among many checkpoints is cheap.
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -162,7 +147,6 @@ def scan(model_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
-    """The model rebuilt from the layout the checkpoint declares, its weights loaded strictly."""
     layout = ckpt["model"]
     model = build_model(layout["head_layer"], layout["num_classes"], layout.get("arch", DEFAULT_ARCH))
     try:

@@ -1,10 +1,7 @@
 """Replaying a function's kernels from a CUDA graph: one launch where there are hundreds.
 
 Pays on CUDA: the 3-way step at 256 px went from 3111 to 6868 images/s on an H200 (doc/gpu_runs.md).
-The batched augmentation dispatches about 1300 small kernels, whose launches kept the host busy
-longer than the whole model step took on the GPU; a graph records them once and each replay
-launches them all in one call.
-"""
+Launching the batched augmentation's ~1300 small kernels took the host longer than the model step took the GPU."""
 import torch
 
 from support.errors import CutPasteError
@@ -13,26 +10,16 @@ from support.errors import CutPasteError
 class GraphedCall:
     """Calls `fn()` on CUDA by replaying a CUDA graph of it; elsewhere, or when disabled, calls it as it is.
 
-    fn takes no arguments and returns a tuple of tensors whose shapes never change. It must not read
-    anything back to the host, and the tensors it reads (the image cache) must stay where they are.
-    Random numbers must come from `generators`, which are registered with the graph: each replay
-    draws what the next eager call would have drawn, so the run's random stream does not depend on
-    whether the graph is used.
-
-    The first call runs fn eagerly on a side stream (the warm-up PyTorch asks for before a capture),
-    returns that result, and captures one call into the graph. Later calls replay the graph and
-    return clones of its outputs, so no result is overwritten by the next call. A capture that
-    fails is an error naming the fix, not a silent fallback: a generator registered with a failed
-    capture may be left in capture mode, and its later draws could not be trusted.
-    """
+    fn takes no arguments, returns tensors of fixed shapes, reads nothing back to the host, and reads tensors that
+    stay put. Its random numbers come from `generators`, registered with the graph, so a replay draws what an eager
+    call would. The first call runs fn eagerly on a side stream (the warm-up a capture needs) and captures it;
+    later calls replay and return clones. A failed capture is an error, not a fallback: it may leave a
+    registered generator in capture mode."""
 
     def __init__(self, fn, device: torch.device, generators=(), enabled: bool = True):
-        self.fn = fn
-        self.device = device
-        self.generators = tuple(generators)
+        self.fn, self.device, self.generators = fn, device, tuple(generators)
         self.enabled = enabled and device.type == "cuda"
-        self.graph = None
-        self.outputs = ()
+        self.graph, self.outputs = None, ()
 
     def __call__(self):
         if not self.enabled:

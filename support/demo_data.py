@@ -1,10 +1,8 @@
 """A small synthetic category in the MVTec AD layout, made on the spot with no download.
 
-The "product" is a round, ribbed lid seen from above, with small random shifts, lighting and
-sensor noise. Its defects are of kinds that CutPaste never draws (section 3.1 pastes rectangles
-of the same image): thin curved scratches, round holes, soft colour stains and a missing wedge,
-each with its ground-truth mask. The demo therefore measures detection of unseen defects,
-not recall of the training augmentation. Used by demo.py and by the tests.
+A round, ribbed lid seen from above, with random shifts, lighting and noise. Its masked defects are kinds CutPaste
+never draws (section 3.1 pastes rectangles): scratches, holes, stains and a missing wedge, so the demo measures
+detection of unseen defects, not recall of the training augmentation.
 """
 import argparse
 import math
@@ -15,8 +13,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 DEFECT_KINDS = ("scratch", "hole", "stain", "missing")
 DEMO_CATEGORY = "lid"
-# demo.py's settings: about 75 s on 2 CPU cores without bf16, image AUROC 0.89-0.94 over seeds 0-4
-# (doc/performance.md).
+# demo.py's settings: about 75 s on 2 CPU cores without bf16, image AUROC 0.89-0.94 over seeds 0-4 (doc/performance.md).
 DEMO_SIZE = 64
 DEMO_STEPS = 150
 DEMO_BATCH_SIZE = 8
@@ -76,15 +73,11 @@ def _defect_mask(kind: str, rng: np.random.Generator, size: int, lid) -> Image.I
 def _apply_defect(img: Image.Image, kind: str, mask: Image.Image, rng: np.random.Generator) -> Image.Image:
     arr = np.asarray(img).astype(np.float32) / 255
     alpha = np.asarray(mask).astype(np.float32)[..., None] / 255
-    if kind == "scratch":
-        color = np.array([0.15, 0.15, 0.17])
-    elif kind == "hole":
-        color = np.array([0.05, 0.05, 0.05])
-    elif kind == "stain":
+    if kind == "stain":
         color = np.array([0.6, 0.3, 0.1]) * rng.uniform(0.8, 1.1)
         alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.0))).astype(np.float32)[..., None] / 255 * 0.9
-    else:  # missing wedge shows the background
-        color = np.array([0.85, 0.83, 0.80])
+    else:  # a missing wedge shows the background
+        color = np.array({"scratch": [0.15, 0.15, 0.17], "hole": [0.05, 0.05, 0.05]}.get(kind, [0.85, 0.83, 0.80]))
     out = arr * (1 - alpha) + color * alpha
     return Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8))
 
@@ -94,12 +87,10 @@ def make_dataset(root: Path, category: str = DEMO_CATEGORY, size: int = 64, n_tr
     """Write <root>/<category>/{train/good, test/<kind>, ground_truth/<kind>} PNGs; return the category folder."""
     rng = np.random.default_rng(seed)
     cat_dir = Path(root) / category
-    for sub in ("train/good", "test/good"):
-        (cat_dir / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(n_train):
-        _lid(rng, size)[0].save(cat_dir / "train" / "good" / f"{i:03d}.png")
-    for i in range(n_test_good):
-        _lid(rng, size)[0].save(cat_dir / "test" / "good" / f"{i:03d}.png")
+    for sub, count in (("train", n_train), ("test", n_test_good)):
+        (cat_dir / sub / "good").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            _lid(rng, size)[0].save(cat_dir / sub / "good" / f"{i:03d}.png")
     for kind in DEFECT_KINDS:
         (cat_dir / "test" / kind).mkdir(parents=True, exist_ok=True)
         (cat_dir / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)

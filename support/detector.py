@@ -1,14 +1,10 @@
 """Scoring new images with a trained checkpoint (predict.py): anomaly score, decision, CSV, overlays.
 
-The score is the Mahalanobis distance of the image's embedding to the Gaussian of the clean
-training embeddings (Li et al., CVPR 2021, section 3.3). An image is "anomalous" when its score
-exceeds the threshold: --threshold, or the --quantile of the clean training images' held-out
-scores (density.heldout_scores: about 1 - quantile of new clean images get flagged). From Python::
+The score is the Mahalanobis distance of the embedding to the Gaussian of the clean training embeddings (Li et
+al., CVPR 2021, section 3.3); an image is anomalous above --threshold, or above the --quantile of the clean training
+images' held-out scores (about 1 - quantile of new clean images get flagged). From Python::
 
-    from support.detector import Detector
-    det = Detector.load("models/model-bottle-<date>.tch")
-    scores = det.score(["a.png", "b.png"])          # (N,) float tensor
-    results = det.predict(paths, det.threshold())   # one Prediction per path; unreadable files reported
+    det = Detector.load("models/model-bottle-<date>.tch"); results = det.predict(paths, det.threshold())
 """
 import glob
 import os
@@ -33,9 +29,8 @@ from support.options import DEFAULT_QUANTILE, PREDICT_BATCH
 from support.runtime import bf16_supported, embed_images, keep_freed_memory, memory_format, resolve_device
 
 ANOMALOUS, NORMAL, UNREADABLE = "anomalous", "normal", "error"
-# Overlay frame: red for anomalous, green for normal; width as a fraction of the image side.
 FRAME_COLOURS = {ANOMALOUS: (220, 30, 30), NORMAL: (30, 180, 60)}
-FRAME_FRACTION = 0.04
+FRAME_FRACTION = 0.04  # frame width, as a fraction of the image side
 HEATMAP_ALPHA = 0.5
 
 
@@ -65,11 +60,8 @@ def _tensor_to_u8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Detector:
-    """A trained model, its clean-image density and its threshold calibration, ready to score images.
-
-    heatmap: optional callable (detector, uint8 images (N, 3, S, S)) -> (N, S, S) anomaly maps, for
-    models that localize (a patch-level model); image-level checkpoints have none.
-    """
+    """A trained model, its clean-image density and its threshold calibration. heatmap: optional callable
+    (detector, uint8 (N, 3, S, S)) -> (N, S, S) anomaly maps, for patch-level models."""
 
     def __init__(self, model, density, size: int, device: torch.device, amp: bool, calibration_scores: torch.Tensor,
                  calibration_source: str, category: str = "", source: str = "", heatmap=None,
@@ -77,18 +69,13 @@ class Detector:
         self.model, self.density, self.size = model, density, size
         self.device, self.amp = device, amp
         self.calibration_scores, self.calibration_source = calibration_scores, calibration_source
-        self.category, self.source, self._heatmap = category, source, heatmap
-        self.channels_last = channels_last
+        self.category, self.source, self._heatmap, self.channels_last = category, source, heatmap, channels_last
 
     @classmethod
     def load(cls, path, device: str = "auto", amp: bool | None = None, heatmap=None,
              channels_last: bool | None = None) -> "Detector":
-        """Read a checkpoint (validated by checkpoints.read_checkpoint) onto `device`.
-
-        amp None follows the checkpoint's training setting where this device runs bf16 natively,
-        so scores are computed as the density's training embeddings were; channels_last None as
-        runtime.choose picks it.
-        """
+        """Read a checkpoint onto `device`. amp None follows training where the device runs bf16 natively (scores
+        then match the density's training embeddings); channels_last None as runtime.choose picks it."""
         path = Path(path)
         ckpt = checkpoints.read_checkpoint(path)
         dev = resolve_device(device)
@@ -135,24 +122,21 @@ class Detector:
 
     def predict(self, paths, threshold: float, batch_size: int = PREDICT_BATCH, workers: int = 0,
                 on_batch=None) -> list[Prediction]:
-        """Score image files against `threshold`; a file that cannot be decoded gets label 'error'.
-
-        on_batch(paths, uint8 images, scores), when given, sees each scored chunk (for overlays).
-        """
+        """Score image files against `threshold`; an undecodable file gets label 'error'. on_batch(paths, uint8
+        images, scores), when given, sees each scored chunk (for overlays)."""
         results = []
         for start in range(0, len(paths), batch_size):
             chunk = [str(p) for p in paths[start:start + batch_size]]
             decoded = _decode_each(chunk, self.size, workers)
             good = [(p, img) for p, img in zip(chunk, decoded) if torch.is_tensor(img)]
-            scores = self.score(torch.stack([img for _, img in good])) if good else torch.empty(0)
+            batch = torch.stack([img for _, img in good]) if good else None
+            scores = self.score(batch) if good else torch.empty(0)
             by_path = {p: float(s) for (p, _), s in zip(good, scores.tolist())}
-            for p, img in zip(chunk, decoded):
-                if torch.is_tensor(img):
-                    results.append(Prediction(p, by_path[p], ANOMALOUS if by_path[p] > threshold else NORMAL))
-                else:
-                    results.append(Prediction(p, float("nan"), UNREADABLE, img))
+            results += [Prediction(p, by_path[p], ANOMALOUS if by_path[p] > threshold else NORMAL)
+                        if torch.is_tensor(img) else Prediction(p, float("nan"), UNREADABLE, img)
+                        for p, img in zip(chunk, decoded)]
             if on_batch is not None and good:
-                on_batch([p for p, _ in good], torch.stack([img for _, img in good]), scores)
+                on_batch([p for p, _ in good], batch, scores)
         return results
 
 
@@ -251,9 +235,8 @@ def choose_checkpoint(path: Path, category: str | None) -> Path:
 
 
 def write_csv(results: list[Prediction], threshold: float, out: Path) -> pd.DataFrame:
-    columns = ["path", "score", "label", "threshold", "error"]
-    frame = pd.DataFrame([{"path": r.path, "score": r.score, "label": r.label, "threshold": threshold,
-                           "error": r.error} for r in results], columns=columns)
+    frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
+                         columns=["path", "score", "label", "threshold", "error"])
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     return frame
@@ -267,14 +250,11 @@ def run(args) -> list[Prediction]:
     device = resolve_device(args.device, args.cuda)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
-    device = str(device)
-    detector = Detector.load(choose_checkpoint(args.checkpoint, args.category), device, args.amp,
+    detector = Detector.load(choose_checkpoint(args.checkpoint, args.category), str(device), args.amp,
                              channels_last=args.channels_last)
-    if args.threshold is not None:
-        threshold, source = args.threshold, "--threshold"
-    else:
-        threshold = detector.threshold(args.quantile)
-        source = f"{args.quantile} quantile of the {detector.calibration_source}"
+    given = args.threshold is not None
+    threshold = args.threshold if given else detector.threshold(args.quantile)
+    source = "--threshold" if given else f"{args.quantile} quantile of the {detector.calibration_source}"
     root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
     writer = overlay_writer(detector, args.overlay_dir, root, threshold) if args.overlay_dir else None
     results = detector.predict(paths, threshold, args.batch_size, args.workers, on_batch=writer)
@@ -282,10 +262,9 @@ def run(args) -> list[Prediction]:
         if r.label == UNREADABLE:
             print(f"warning: {r.error}", file=sys.stderr)
     write_csv(results, threshold, args.out)
-    n_bad = sum(r.label == UNREADABLE for r in results)
+    n_bad, flagged = sum(r.label == UNREADABLE for r in results), sum(r.label == ANOMALOUS for r in results)
     if n_bad == len(results):
         raise CutPasteError(f"none of the {len(results)} images could be read (see the warnings); nothing scored")
-    flagged = sum(r.label == ANOMALOUS for r in results)
     print(f"{detector.category}: scored {len(results) - n_bad} images ({n_bad} unreadable), {flagged} anomalous at "
           f"threshold {threshold:.4f} ({source}); CSV in {args.out}")
     if args.truth_from_folders:

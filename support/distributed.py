@@ -1,15 +1,7 @@
-"""Sharding categories over processes started by torchrun, and gathering their results on rank 0.
+"""Sharding categories over torchrun's processes (torchrun --nproc_per_node 4 run_training.py --type all ...).
 
-    torchrun --nproc_per_node 4 run_training.py --type all ...
-
-Each category's model is independent, so ranks never exchange tensors: every rank trains its share
-of the categories (round robin, in the order of --type) on its own device, one GPU per rank
-(cuda:LOCAL_RANK) when CUDA is used, and rank 0 gathers the result rows into one table. The
-process group therefore uses gloo, which carries those Python objects on CPUs and GPUs alike.
-Without torchrun's environment everything here is a no-op and a run is a world of one.
-
-Nothing here runs at import time.
-"""
+Ranks train independent models on their own devices (cuda:LOCAL_RANK); rank 0 gathers only result rows, hence gloo,
+which carries Python objects on CPUs and GPUs alike. Without torchrun's environment a run is a world of one."""
 import datetime
 import os
 from dataclasses import dataclass
@@ -19,8 +11,7 @@ import torch.distributed as dist
 
 from support.errors import CutPasteError
 
-# Ranks wait for each other only once, at the end; a rank with fewer or faster categories may
-# wait hours for the slowest, so the group's timeout is generous.
+# Ranks meet only once, at the end, where one may wait hours for the slowest: a generous timeout.
 GATHER_TIMEOUT = datetime.timedelta(days=7)
 
 
@@ -70,12 +61,10 @@ def rank_device(device: torch.device, world: World) -> torch.device:
 
 
 def shard(items: list, world: World) -> list:
-    """This rank's share: every world_size-th item, starting at its rank."""
     return list(items[world.rank::world.world_size])
 
 
 def gather_rows(rows: list[dict], world: World) -> list[dict] | None:
-    """All ranks' rows on rank 0 (in rank order); None on the other ranks."""
     if world.world_size == 1:
         return list(rows)
     gathered = [None] * world.world_size if world.is_main else None

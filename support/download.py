@@ -2,14 +2,9 @@
 
     python dataset.py --download Data
 
-The archive goes to ``<folder>/<name>.part`` while it downloads; a rerun (or an automatic retry)
-continues it with an HTTP Range request. A complete download is checked against its SHA-256: a
-file that does not match is moved aside (``<name>.sha256-mismatch``) and never extracted. The
-extraction goes to a staging folder first and refuses, before anything lands in the target
-folder, any member that is a link, a device file or another special file, or whose path would
-end up outside the folder.
-
-Nothing here runs at import time.
+A rerun or retry resumes ``<name>.part`` with an HTTP Range request; an archive whose SHA-256 does not match is
+moved aside, never extracted. Extraction goes to a staging folder first and refuses links, special files and paths
+outside the folder before anything lands in the target folder.
 """
 import hashlib
 import http.client
@@ -31,18 +26,15 @@ MVTEC_URL = ("https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304
              "420938113-1629960298/mvtec_anomaly_detection.tar.xz")
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 MVTEC_ARCHIVE = "mvtec_anomaly_detection.tar.xz"
-# A read that stalls this long counts as an interrupted transfer (then retried or resumable).
-READ_TIMEOUT_S = 60.0
+READ_TIMEOUT_S = 60.0  # a read that stalls this long counts as an interrupted transfer
 DOWNLOAD_RETRIES = 3
 CHUNK_BYTES = 1 << 20
-# Written into the target folder after a verified, complete extraction: a rerun then has nothing to do.
-DONE_MARKER = ".mvtec_download_complete"
+DONE_MARKER = ".mvtec_download_complete"  # written after a verified, complete extraction
 STAGING = ".extracting"
 
 
 def archive_name(url: str) -> str:
-    name = os.path.basename(urllib.parse.urlparse(url).path)
-    return name or MVTEC_ARCHIVE
+    return os.path.basename(urllib.parse.urlparse(url).path) or MVTEC_ARCHIVE
 
 
 def _content_range_start(header: str | None) -> tuple[int, int | None]:
@@ -72,13 +64,11 @@ def _transfer(url: str, part: Path, timeout: float) -> None:
         return
     with response:
         start, total = _content_range_start(response.headers.get("Content-Range"))
-        if have and response.status == 206 and start == have:
-            mode = "ab"
-        else:
+        mode = "ab" if have and response.status == 206 and start == have else "wb"
+        if mode == "wb":
             if have:
                 print(f"the server does not continue at byte {have}; downloading {part.name} from the start")
-            have, mode = 0, "wb"
-            length = response.headers.get("Content-Length")
+            have, length = 0, response.headers.get("Content-Length")
             total = int(length) if length else None
         if total is not None and total - have > shutil.disk_usage(part.parent).free:
             raise CutPasteError(f"{part.parent} has {shutil.disk_usage(part.parent).free} bytes free, the download "
@@ -101,7 +91,7 @@ def fetch(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout: float 
             part.replace(dest)
             return dest
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-            reason = err
+            reason = err  # err itself is unbound once the except clause ends
             if attempt < retries:
                 print(f"download interrupted ({reason}); resuming, retry {attempt + 1} of {retries}")
     kept = part.stat().st_size if part.exists() else 0
@@ -158,12 +148,11 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
         if clashes:
             raise CutPasteError(f"{', '.join(str(dest / c) for c in clashes)} already exist; move them away or "
                                 f"extract into an empty folder")
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except (tarfile.TarError, EOFError, OSError, CutPasteError) as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, CutPasteError):
+            raise
         raise CutPasteError(f"cannot extract {archive} ({err}); delete it and rerun to download it again") from None
-    except CutPasteError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for entry in entries:
         entry.replace(dest / entry.name)
     staging.rmdir()
@@ -172,10 +161,8 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
 
 def download_mvtec(dest: Path, url: str = MVTEC_URL, sha256: str = MVTEC_SHA256, retries: int = DOWNLOAD_RETRIES,
                    keep_archive: bool = True, timeout: float = READ_TIMEOUT_S) -> list[str]:
-    """Download, verify and extract the archive into `dest`; return the top-level entries extracted.
-
-    Idempotent: a folder already holding a verified extraction of this archive is left as it is.
-    """
+    """Download, verify and extract the archive into `dest`; return the top-level entries extracted (none when a
+    verified extraction of this archive is already there)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     marker = dest / DONE_MARKER

@@ -1,6 +1,5 @@
-"""Evaluation behind eval.py (and reproduce.py): image AUROC per category, plots, and a table beside the
-paper's; with anomaly maps (patches.py, gradcam.py) also pixel AUROC, PRO and heatmap figures.
-"""
+"""eval.py's evaluation: image AUROC per category, plots and a table beside the paper's; with anomaly maps
+(patches.py, gradcam.py) also pixel AUROC, PRO and heatmap figures."""
 import warnings
 from pathlib import Path
 
@@ -29,8 +28,7 @@ HEATMAP_PERCENTILES = (0.01, 0.99)
 
 
 def paper_value(table_path: Path, category: str, column: str) -> float:
-    """The paper's figure (%) for this category and column (a variant, or a localization mode) in one of its
-    tables (doc/paper_table1.csv, paper_table2.csv); NaN where it gives none."""
+    """The paper's figure (%) for a category and column (variant or localization mode); NaN where it gives none."""
     table = pd.read_csv(table_path, comment="#").set_index("category")
     if column not in table.columns or category not in table.index:
         return float("nan")
@@ -54,8 +52,7 @@ def load_model(args, ckpt: dict, path: Path, device: torch.device):
 
 
 def image_density(args, ckpt: dict, path: Path, model, train_u8: torch.Tensor | None, device: torch.device):
-    """The Gaussian of the clean image embeddings (section 3.3), the checkpoint's or refit on `train_u8`, and
-    the clean training images' scores (N,) under it, on the CPU."""
+    """The Gaussian of clean embeddings (section 3.3), the checkpoint's or refit, and the train scores (N,) on CPU."""
     if args.density == CHECKPOINT_DENSITY:
         return checkpoints.density_from_checkpoint(ckpt, path, device), ckpt["train_scores"].float()
     train_emb = embed_images(model, train_u8, device, args.amp, args.channels_last)
@@ -64,8 +61,7 @@ def image_density(args, ckpt: dict, path: Path, model, train_u8: torch.Tensor | 
 
 
 def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch.device) -> dict:
-    """Score one category's test images with its checkpoint: Mahalanobis distances of the image embeddings or,
-    for a patch-level model, the maxima of its anomaly maps (section 4.2); AUROC, plots, pixel metrics."""
+    """Image scores: Mahalanobis distances, or for a patch-level model its anomaly maps' maxima (section 4.2)."""
     model = load_model(args, ckpt, path, device)
     size, patch_size = ckpt["size"], ckpt.get("patch_size", 0)
     mode = resolve_mode(args.localization, patch_size, path)
@@ -108,13 +104,10 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
     frame = pd.concat([frame, pd.DataFrame([mean])], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "results.csv", index=False)
-    shown = pd.DataFrame({
-        "category": frame["category"],
-        "variant": frame["variant"].fillna(""),
-        "image AUROC (%)": frame["image_auroc"].map(_pct),
-        "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
-        "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s))),
-    })
+    shown = pd.DataFrame({"category": frame["category"], "variant": frame["variant"].fillna(""),
+                          "image AUROC (%)": frame["image_auroc"].map(_pct),
+                          "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
+                          "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s)))})
     for col, title in PIXEL_COLUMNS.items():
         if col in frame:
             shown[title] = frame[col].map(_pct)
@@ -123,8 +116,7 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
 
 
 def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, device: torch.device):
-    """One ensemble member's (clean training scores, test scores, test set) from its Gaussian (as for a single
-    model); `data` caches the decoded images per image size across members."""
+    """One member's (train scores, test scores, test set); `data` caches the decoded images per image size."""
     model = load_model(args, ckpt, path, device)
     size, refit = ckpt["size"], args.density != CHECKPOINT_DENSITY
     if size not in data or (refit and data[size][0] is None):
@@ -137,12 +129,11 @@ def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, devic
 
 
 def _common(values: list):
-    """The value all members share, or NaN when they differ."""
     return values[0] if len(set(values)) == 1 else float("nan")
 
 
 def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], device: torch.device) -> dict:
-    """Image AUROC of the members' standardised scores averaged (density_lib.ensemble_scores), beside the members' own."""
+    """Image AUROC of the members' averaged standardised scores, beside the members' own."""
     data, pairs, singles = {}, [], []
     for path, ckpt in members:
         train_scores, test_scores, test_set = member_scores(args, category, path, ckpt, data, device)
@@ -160,25 +151,13 @@ def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], dev
             plots.plot_roc(test_set.labels.numpy(), scores, auroc, f"{category}: ensemble image ROC", out / "roc.png")
         plots.plot_score_hist(scores, test_set.defects, f"{category}: ensemble scores (standardised)",
                               out / "score_hist.png")
-    variants = sorted({ckpt["variant"] for _, ckpt in members})
-    return {"category": category, "variant": "+".join(variants), "image_auroc": 100 * auroc,
-            "paper_image_auroc": paper_value(PAPER_TABLE1, category, "ensemble"), "models": len(members),
-            "seeds": "+".join(str(ckpt["seed"]) for _, ckpt in members),
+    return {"category": category, "variant": "+".join(sorted({ckpt["variant"] for _, ckpt in members})),
+            "image_auroc": 100 * auroc, "paper_image_auroc": paper_value(PAPER_TABLE1, category, "ensemble"),
+            "models": len(members), "seeds": "+".join(str(ckpt["seed"]) for _, ckpt in members),
             "single_image_auroc_mean": float(np.mean(singles)), "single_image_auroc_std": spread,
             "steps": _common([ckpt["steps"] for _, ckpt in members]),
             "size": _common([ckpt["size"] for _, ckpt in members]), "density": args.density,
             "checkpoint": " ".join(path.name for path, _ in members)}
-
-
-def ensemble_main(args, wanted: list[str] | None, device: torch.device) -> pd.DataFrame:
-    """--ensemble: one ensemble of every checkpoint per category in --model_dir."""
-    groups = checkpoints.by_category(args.model_dir, wanted)
-    rows = [evaluate_ensemble(args, category, members, device) for category, members in groups.items()]
-    out = args.out_dir / f"{args.model_dir.name}_ensemble"
-    frame = write_tables(rows, out)
-    print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories "
-          f"(ensembles); tables in {out}")
-    return frame
 
 
 def resolve_mode(requested: str, patch_size: int, path) -> str:
@@ -202,20 +181,13 @@ def dense_patch_size(patch_size: int, image_size: int) -> int:
 
 
 def scorable_images(test_set, category: str) -> torch.Tensor:
-    """(N,) bool: images whose pixels can be scored. Good images without a mask are all-good pixels;
-    defective images without a usable mask are left out of the pixel metrics, with a warning."""
+    """(N,) bool: images whose pixels can be scored (good ones always; defective ones only with a usable mask)."""
     keep = test_set.has_mask.clone()
     dropped = [str(test_set.items[i].path) for i in torch.nonzero(~keep).flatten().tolist()]
     if dropped:
         warnings.warn(f"{category}: {len(dropped)} defective test image(s) have no usable mask and are left out "
                       f"of the pixel metrics: {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}")
     return keep
-
-
-def pixel_metrics(masks: torch.Tensor, maps: torch.Tensor) -> dict:
-    """Pixel AUROC and PRO (metrics.py) of the maps against the masks, as fractions."""
-    masks_np, maps_np = masks.cpu().numpy().astype(bool), maps.cpu().numpy()
-    return {"pixel_auroc": metrics.pixel_auroc(masks_np, maps_np), "pro": metrics.pro_score(masks_np, maps_np)}
 
 
 def heatmap_indices(n: int, limit: int) -> list[int]:
@@ -226,8 +198,7 @@ def heatmap_indices(n: int, limit: int) -> list[int]:
 
 
 def display_range(maps: torch.Tensor) -> tuple[float, float]:
-    """One colour scale for all heatmaps of a category: the 1st to the 99th percentile of its map values,
-    so that good images look calm and the few most extreme pixels cannot wash every other map out."""
+    """One colour scale per category, 1st to 99th percentile, so the most extreme pixels cannot wash out the rest."""
     sample = maps.flatten()
     if sample.numel() > 2_000_000:
         sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
@@ -236,7 +207,6 @@ def display_range(maps: torch.Tensor) -> tuple[float, float]:
 
 
 def check_eval_args(args) -> None:
-    """eval.py's localization flags, validated with a message that names the flag."""
     for name in ("stride", "cell_stride", "patch_batch"):
         if getattr(args, name) < 1:
             raise CutPasteError(f"--{name} {getattr(args, name)} is out of range; give a positive number")
@@ -253,14 +223,8 @@ def use_local_density(patch_density: str, category: str) -> bool:
 
 def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor | None, test_u8: torch.Tensor,
                  patch_size: int, args, device: torch.device, density=None):
-    """Anomaly maps (N, H, W) of the test images for --localization `mode` (None for 'none'), and what made
-    them: {"localization": mode, "patch_density": "local", "shared" or ""}.
-
-    Dense scoring fits its patch Gaussians on the clean training images `train_u8`; GradCAM's 'density' target
-    is the image-level Gaussian `density` (a torch or sklearn estimator from density.py).
-
-    args supplies eval.py's stride, patch_density, cell_stride, density, patch_batch, gradcam_target, amp and
-    channels_last."""
+    """Anomaly maps (N, H, W) for `mode` (None for 'none') and what made them; dense scoring fits its Gaussians on
+    `train_u8`, GradCAM's 'density' target is the image-level Gaussian `density`."""
     info = {"localization": mode, "patch_density": ""}
     if mode == "gradcam":
         info["gradcam_target"] = args.gradcam_target
@@ -279,11 +243,11 @@ def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor | None,
 
 def report(category: str, test_set, maps: torch.Tensor, info: dict, out: Path, save_plots: bool,
            max_heatmaps: int) -> dict:
-    """Pixel metrics of the maps (in %), the image AUROC of the maps' maxima, and the figures under `out`:
-    pixel_roc.png and heatmaps/<defect>_<image>.png for at most `max_heatmaps` test images."""
+    """Pixel metrics (%), the image AUROC of the maps' maxima, and pixel_roc.png and heatmaps/ under `out`."""
     keep = scorable_images(test_set, category)
     masks = test_set.masks[keep]
-    scores = pixel_metrics(masks, maps[keep])
+    masks_np, maps_np = masks.cpu().numpy().astype(bool), maps[keep].cpu().numpy()
+    scores = {"pixel_auroc": metrics.pixel_auroc(masks_np, maps_np), "pro": metrics.pro_score(masks_np, maps_np)}
     mode = info["localization"]
     row = {**info, "pixel_auroc": 100 * scores["pixel_auroc"], "pro": 100 * scores["pro"],
            "paper_pixel_auroc": paper_value(PAPER_TABLE2, category, mode),
@@ -320,18 +284,18 @@ def run(args) -> pd.DataFrame:
     choose(args, device)
     print(f"evaluating {args.model_dir} on {describe(device, args.amp, args.channels_last)}")
     wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type)
-    if args.ensemble:
-        return ensemble_main(args, wanted, device)
-    chosen = checkpoints.newest(args.model_dir, wanted)
-    rows = []
-    for category, (path, ckpt) in chosen.items():
-        if args.head_layer is not None and args.head_layer != ckpt["model"]["head_layer"]:
-            print(f"note: --head_layer {args.head_layer} ignored; {path.name} was trained with "
-                  f"--head_layer {ckpt['model']['head_layer']}")
-        rows.append(evaluate_category(args, category, path, ckpt, device))
-    frame = write_tables(rows, args.out_dir / args.model_dir.name)
-    print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories; "
-          f"tables in {args.out_dir / args.model_dir.name}")
+    if args.ensemble:  # one ensemble of every checkpoint per category in --model_dir
+        groups = checkpoints.by_category(args.model_dir, wanted)
+        rows = [evaluate_ensemble(args, category, members, device) for category, members in groups.items()]
+        out = args.out_dir / f"{args.model_dir.name}_ensemble"
+    else:
+        rows, out = [], args.out_dir / args.model_dir.name
+        for category, (path, ckpt) in checkpoints.newest(args.model_dir, wanted).items():
+            if args.head_layer is not None and args.head_layer != ckpt["model"]["head_layer"]:
+                print(f"note: --head_layer {args.head_layer} ignored; {path.name} was trained with "
+                      f"--head_layer {ckpt['model']['head_layer']}")
+            rows.append(evaluate_category(args, category, path, ckpt, device))
+    frame = write_tables(rows, out)
+    print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories"
+          f"{' (ensembles)' if args.ensemble else ''}; tables in {out}")
     return frame
-
-

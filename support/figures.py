@@ -1,9 +1,5 @@
-"""Figures and tables from reproduce.py's CSV (figures.py): bar charts against Li et al.'s Table 1, one markdown table of
-all variants, and training curves read back from the tensorboard logs. Files only, no display
-(matplotlib Figure objects, seaborn for the drawing).
-
-    python figures.py --csv runs/demo/results.csv --out_dir doc/demo
-"""
+"""figures.py: from reproduce.py's CSV, bar charts against Li et al.'s Table 1, a markdown table of all variants
+and training curves from the tensorboard logs, to files only.  python figures.py --csv runs/demo/results.csv"""
 import re
 from pathlib import Path
 
@@ -64,8 +60,7 @@ def read_paper(path: Path) -> pd.DataFrame:
 
 
 def with_means(values: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per-seed means over categories appended as category 'mean' (so the bars' spread is over seeds);
-    nothing is appended for a single category."""
+    """Per-seed means over (two or more) categories appended as category 'mean', so the spread is over seeds."""
     if values["category"].nunique() < 2:
         return values
     means = values.groupby(["series", "seed"], as_index=False)[metric].mean().assign(category="mean")
@@ -228,4 +223,3 @@ def draw(args) -> list[Path]:
         written.append(plot_curves(data, f"CutPaste ({variant}), {setting}", args.window, args.out_dir / name))
     print("wrote " + ", ".join(str(p) for p in written))
     return written
-

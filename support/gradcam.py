@@ -1,6 +1,4 @@
-"""GradCAM (Selvaraju et al., ICCV 2017) anomaly maps for image-level models (Li et al., section 4.2 and
-figure 5): the last convolutional block's feature maps weighted by the gradients of the detector's score.
-"""
+"""GradCAM (Selvaraju et al., ICCV 2017) anomaly maps for image-level models (Li et al., section 4.2, figure 5)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,20 +7,17 @@ import density as density_lib
 from support.errors import CutPasteError
 from support.runtime import autocast, memory_format
 
-# Images per forward/backward pass.
-GRADCAM_BATCH = 16
+GRADCAM_BATCH = 16  # images per forward/backward pass
 POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 
 
 def augmented_log_odds(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """GradCAM target 'logit': (B, K) logits -> (B,) log-odds that an image is augmented (any class > 0)
-    rather than clean (class 0), as the self-supervised classifier sees it."""
+    """GradCAM target 'logit': (B, K) logits -> (B,) log-odds of augmented (any class > 0) over clean (class 0)."""
     return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
 
 
 def density_target(density: density_lib.GaussianDensityTorch):
-    """GradCAM target 'density': the anomaly detector's own score, the negative Gaussian log-density of the
-    L2-normalised embedding up to a constant, (f - mu)^T Sigma^-1 (f - mu) / 2 (section 2.3, equation 2)."""
+    """GradCAM target 'density': the detector's score, (f - mu)^T Sigma^-1 (f - mu) / 2 (section 2.3, equation 2)."""
     def target(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         diff = density_lib.normalize(embeds) - density.mean
         return 0.5 * torch.einsum("nd,de,ne->n", diff, density.precision, diff)
@@ -30,9 +25,8 @@ def density_target(density: density_lib.GaussianDensityTorch):
 
 
 def _capture_last_feature_maps(backbone: nn.Module, captured: dict) -> list:
-    """Hooks that leave in captured["features"] the output of the last of the backbone's top-level blocks, in
-    the order they run, that yields (B, C, h, w) feature maps: layer4 of a ResNet, `features` of an
-    EfficientNet, MobileNet or ConvNeXt. Pooling layers are not blocks."""
+    """Hooks leaving in captured["features"] the last (B, C, h, w) output of a top-level non-pooling block: layer4
+    of a ResNet, `features` of an EfficientNet, MobileNet or ConvNeXt."""
     def keep(module, _inputs, out):
         if torch.is_tensor(out) and out.dim() == 4 and not isinstance(module, POOLING):
             captured["features"] = out
@@ -41,9 +35,8 @@ def _capture_last_feature_maps(backbone: nn.Module, captured: dict) -> list:
 
 def gradcam_maps(model, images_u8: torch.Tensor, target, device: torch.device, amp: bool, channels_last: bool,
                  batch: int = GRADCAM_BATCH) -> torch.Tensor:
-    """GradCAM heatmaps (N, H, W): the last convolutional block's feature maps weighted by the spatial mean of
-    their gradients of target(embeds (B, D), logits (B, K)) -> (B,), summed over channels, ReLU'd and
-    bilinearly resized to the image. Maps are not normalised per image, so pixel metrics compare them."""
+    """GradCAM heatmaps (N, H, W): the last block's features weighted by the mean gradients of target(embeds,
+    logits) -> (B,), summed, ReLU'd and resized; not normalised per image, so pixel metrics compare them."""
     was_training = model.training
     model.eval()
     captured = {}

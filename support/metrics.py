@@ -1,14 +1,7 @@
-"""Pixel-level localization metrics: pure functions of ground-truth masks and anomaly maps.
-
-masks: (N, H, W) bool (True = defective pixel); maps: (N, H, W) float, larger = more anomalous.
-Numpy arrays or torch tensors (moved to the CPU) are accepted.
-
-- Pixel AUROC (Li et al., CVPR 2021, section 4.2 and Table 2): the ROC AUC over all test pixels pooled.
-- PRO, the per-region overlap (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021,
-  section 4.2.2): at each threshold, the mean over all ground-truth connected components of the fraction
-  of the component predicted anomalous, plotted against the false-positive rate over all defect-free
-  pixels; the area under that curve up to FPR 0.3, divided by 0.3 so that a perfect map scores 1.
-"""
+"""Localization metrics of masks (N, H, W) bool (True = defective) and maps (N, H, W) float (larger = more
+anomalous), numpy or torch: pixel AUROC over all pixels pooled (Li et al., CVPR 2021, section 4.2, Table 2), and
+PRO (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021, section 4.2.2): the mean overlap of the
+ground-truth components against the FPR of the defect-free pixels, its area up to FPR 0.3 divided by 0.3."""
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
@@ -20,9 +13,7 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
 def _numpy(array) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
+    return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
 
 
 def pixel_auroc(masks, maps) -> float:
@@ -34,12 +25,8 @@ def pixel_auroc(masks, maps) -> float:
 
 
 def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, pro) at every distinct threshold, from (0, 0) to (1, 1), fpr non-decreasing.
-
-    Lowering the threshold past a pixel adds 1 / (#defect-free pixels) to the FPR when the pixel is
-    defect-free, and 1 / (its component's size * #components) to the mean overlap when it is not;
-    sorting the pixels by score once therefore gives the exact curve as two cumulative sums.
-    """
+    """(fpr, pro) at every distinct threshold, from (0, 0) to (1, 1): as each pixel passes the threshold it adds
+    1 / #defect-free to the FPR or 1 / (component size * #components) to PRO, so two cumsums give the curve."""
     masks, maps = _numpy(masks).astype(bool), _numpy(maps).astype(np.float64)
     fp_step = (~masks).astype(np.float64)
     pro_step = np.zeros(masks.shape, dtype=np.float64)
@@ -55,8 +42,7 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("PRO needs at least one defective region and one defect-free pixel")
     order = np.argsort(-maps.ravel(), kind="stable")
     scores = maps.ravel()[order]
-    fpr = np.cumsum(fp_step.ravel()[order]) / negatives
-    pro = np.cumsum(pro_step.ravel()[order]) / regions
+    fpr, pro = np.cumsum(fp_step.ravel()[order]) / negatives, np.cumsum(pro_step.ravel()[order]) / regions
     # Pixels with equal scores switch together: keep the last point of each run of ties.
     last_of_tie = np.append(scores[1:] != scores[:-1], True)
     fpr, pro = np.minimum(fpr[last_of_tie], 1.0), np.minimum(pro[last_of_tie], 1.0)

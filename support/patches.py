@@ -1,9 +1,6 @@
-"""Patch-level CutPaste (Li et al., CVPR 2021, sections 2.4 and 4.2): training batches of random crops, and
-dense anomaly maps from every patch's Gaussian score, upsampled over its receptive field.
-
-Shapes: images are uint8 (N, 3, H, W); anomaly maps are float32 (N, H, W) on the CPU, larger = more
-anomalous. The model is model.ProjectionNet (any input size: the backbone pools globally).
-"""
+"""Patch-level CutPaste (Li et al., CVPR 2021, sections 2.4 and 4.2): training batches of random crops, and dense
+anomaly maps from every patch's Gaussian score, upsampled over its receptive field.
+Images are uint8 (N, 3, H, W); maps float32 (N, H, W) on the CPU, larger = more anomalous."""
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +16,6 @@ from support.runtime import autocast, memory_format
 # receptive-field upsampling of Liznerski et al. (FCDD, ICLR 2021) that section 4.2 cites.
 SMOOTHING_SIGMA = 4.0
 
-# ---- patch-level training (section 2.4, equation 3) ----
 
 def sample_crops(n: int, img_h: int, img_w: int, patch: int, gen: torch.Generator):
     """Top-left corners (top, left), each (n,) long, of patch x patch crops uniform over the image."""
@@ -39,18 +35,12 @@ def apply_crops(images: torch.Tensor, idx: torch.Tensor, top: torch.Tensor, left
 
 
 def make_patch_batch(images_u8: torch.Tensor, variant: str, batch_size: int, patch: int, gen: torch.Generator):
-    """A batch for the patch-level model: random patch x patch crops c(x), then CutPaste inside each crop.
-
-    Returns x (k * batch_size, 3, patch, patch) float in [0, 1] and labels, as cutpaste.make_batch.
-    """
+    """Random crops c(x), then CutPaste inside each (section 2.4, equation 3); x and labels as cutpaste.make_batch."""
     n, _, h, w = images_u8.shape
     idx = sample_indices(n, batch_size, gen)
     top, left = sample_crops(batch_size, h, w, patch, gen)
-    crops = apply_crops(images_u8, idx, top, left, patch)
-    return augment_batch(crops.float().div_(255), variant, gen)
+    return augment_batch(apply_crops(images_u8, idx, top, left, patch).float().div_(255), variant, gen)
 
-
-# ---- dense scoring ----
 
 def patch_positions(size: int, patch: int, stride: int) -> torch.Tensor:
     """Patch starts along one side: every `stride` pixels, plus the last one flush with the border."""
@@ -70,12 +60,9 @@ def grid_crops(n: int, height: int, width: int, patch: int, stride: int):
 
 
 def cell_crops(n: int, height: int, width: int, patch: int, cell_stride: int, seed: int = 0):
-    """(image, top, left, cell): one patch per image and location cell, moved from the cell's grid position by
-    a seeded random offset in [-cell_stride/2, cell_stride/2) on each axis (clamped into the image).
-
-    Cells are the patch grid at `cell_stride`, numbered row by row. The offsets make the clean patches
-    cover every position, not only the grid's: on aligned objects, test patches at positions never seen
-    in training would look anomalous everywhere."""
+    """(image, top, left, cell): one patch per image and cell of the `cell_stride` grid (row by row), moved by a
+    seeded offset in [-cell_stride/2, cell_stride/2) so that clean patches cover every position, not only the
+    grid's (on aligned objects, positions never seen in training would look anomalous)."""
     ys, xs = patch_positions(height, patch, cell_stride), patch_positions(width, patch, cell_stride)
     cells = len(ys) * len(xs)
     cell = torch.arange(cells).repeat(n)
@@ -97,8 +84,7 @@ def nearest_cells(height: int, width: int, patch: int, stride: int, cell_stride:
 
 @dataclass(frozen=True)
 class Runner:
-    """How patches go through the network: the model, its device, bf16 autocast, memory format, batch size, and
-    whether long passes show a progress bar (a caller with a bar of its own turns it off)."""
+    """How patches go through the network; `progress=False` for a caller with a progress bar of its own."""
     model: torch.nn.Module
     device: torch.device
     amp: bool = False
@@ -108,8 +94,7 @@ class Runner:
 
     @torch.inference_mode()
     def over_crops(self, images_u8: torch.Tensor, crops, patch: int, reduce, desc: str = "patches"):
-        """torch.cat of reduce(embeddings (B, D) float32, part) over the patches `crops` = (image, top, left),
-        taken `batch` at a time; `part` is the slice of `crops` in the batch. The model's mode is restored."""
+        """torch.cat of reduce(embeddings (B, D) float32, slice of `crops`) over `crops` = (image, top, left)."""
         was_training = self.model.training
         self.model.eval()
         images = images_u8.to(self.device)
@@ -129,8 +114,7 @@ class Runner:
 
 def fit_patch_density(runner: Runner, train_u8: torch.Tensor, patch: int, kind: str = "torch",
                       local: bool = False, cell_stride: int = CELL_STRIDE):
-    """PatchGaussians fitted on one patch per clean training image and location cell (cell_crops); returns it
-    and each training image's largest patch score (N,)."""
+    """PatchGaussians fitted on cell_crops of the clean images, and each image's largest patch score (N,)."""
     n, _, h, w = train_u8.shape
     img, top, left, cells = cell_crops(n, h, w, patch, cell_stride)
     embeds = runner.over_crops(train_u8, (img, top, left), patch, lambda e, _: density_lib.normalize(e),
@@ -142,8 +126,7 @@ def fit_patch_density(runner: Runner, train_u8: torch.Tensor, patch: int, kind: 
 
 def score_grids(runner: Runner, density: "density_lib.PatchGaussians", images_u8: torch.Tensor, patch: int, stride: int,
                 cell_stride: int = CELL_STRIDE) -> torch.Tensor:
-    """Patch anomaly scores (N, rows, cols) on the stride grid, float32 on the CPU; each patch is scored by
-    the Gaussian of its nearest location cell (or the shared one)."""
+    """Patch scores (N, rows, cols) float32 on the CPU, each by its nearest cell's Gaussian (or the shared one)."""
     n, _, h, w = images_u8.shape
     cell_of = nearest_cells(h, w, patch, stride, cell_stride).to(runner.device)
 
@@ -158,19 +141,15 @@ def score_grids(runner: Runner, density: "density_lib.PatchGaussians", images_u8
 
 def receptive_field_weights(size: int, starts: torch.Tensor, patch: int, sigma: float = SMOOTHING_SIGMA):
     """(size, len(starts)) float64: a Gaussian (sigma) around each patch's centre, zero outside the patch."""
-    pix = torch.arange(size, dtype=torch.float64).view(-1, 1)
-    lo = starts.double().view(1, -1)
-    centre = lo + (patch - 1) / 2
+    pix, lo = torch.arange(size, dtype=torch.float64).view(-1, 1), starts.double().view(1, -1)
     inside = (pix >= lo) & (pix < lo + patch)
-    return torch.exp(-((pix - centre) ** 2) / (2 * sigma ** 2)) * inside
+    return torch.exp(-((pix - lo - (patch - 1) / 2) ** 2) / (2 * sigma ** 2)) * inside
 
 
 def upsample_scores(grids: torch.Tensor, height: int, width: int, patch: int, stride: int,
                     sigma: float = SMOOTHING_SIGMA) -> torch.Tensor:
-    """Receptive-field upsampling (FCDD; section 4.2): each patch score spread over its patch with a
-    Gaussian kernel, i.e. the transposed convolution of the (N, rows, cols) grid with a patch x patch
-    Gaussian at `stride`, divided by the same transposed convolution of ones so that every pixel gets a
-    weighted mean of the scores of the patches covering it. Returns (N, height, width) float32."""
+    """Receptive-field upsampling (FCDD; section 4.2) of (N, rows, cols) to (N, height, width): a transposed
+    convolution with a Gaussian over each patch, divided by that of ones (a weighted mean per pixel)."""
     wy = receptive_field_weights(height, patch_positions(height, patch, stride), patch, sigma)
     wx = receptive_field_weights(width, patch_positions(width, patch, stride), patch, sigma)
     num = wy @ grids.double() @ wx.T
@@ -180,8 +159,7 @@ def upsample_scores(grids: torch.Tensor, height: int, width: int, patch: int, st
 
 def dense_maps(runner: Runner, train_u8: torch.Tensor, test_u8: torch.Tensor, patch: int, stride: int,
                kind: str = "torch", local: bool = False, cell_stride: int = CELL_STRIDE) -> torch.Tensor:
-    """Anomaly maps (N, H, W) of the test images: Gaussians fitted on clean training patches, every test patch
-    at `stride` scored, the scores upsampled to the image size."""
+    """Anomaly maps (N, H, W): fit on clean patches, score every test patch at `stride`, upsample."""
     density, _ = fit_patch_density(runner, train_u8, patch, kind, local, cell_stride)
     grids = score_grids(runner, density, test_u8, patch, stride, cell_stride)
     return upsample_scores(grids, test_u8.shape[2], test_u8.shape[3], patch, stride)

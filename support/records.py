@@ -1,14 +1,7 @@
-"""Run records: what produced a training run, and its scalars in a form any tool can read.
+"""Run records in each run folder (``<log_dir>/<run name>/``), beside the tensorboard events.
 
-Each run folder (``<log_dir>/<run name>/``) holds, beside the tensorboard events:
-
-- ``args.json``: the run's arguments, sorted;
-- ``run.json``: one entry per session (a resumed run has several) with the code version, the
-  library versions, the Python and platform, the device and the distributed rank;
-- ``scalars.jsonl``: one JSON object per scalar, ``{"step", "tag", "value", "wall_time"}``.
-
-Nothing here runs at import time.
-"""
+``args.json``: the sorted arguments; ``run.json``: per session (a resumed run has several) the code and library
+versions, Python, platform, device and rank; ``scalars.jsonl``: ``{"step", "tag", "value", "wall_time"}`` per line."""
 import datetime
 import importlib.metadata
 import json
@@ -40,18 +33,9 @@ def library_versions() -> dict[str, str]:
 
 
 def environment(device: torch.device, rank: int = 0, world_size: int = 1) -> dict:
-    """Code version, library versions, interpreter, platform and device of this process."""
-    env = {
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "host": socket.gethostname(),
-        "libraries": library_versions(),
-        "device": str(device),
-        "rank": rank,
-        "world_size": world_size,
-    }
+    env = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "code_version": code_version(),
+           "python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
+           "libraries": library_versions(), "device": str(device), "rank": rank, "world_size": world_size}
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -73,9 +57,8 @@ def _keep_scalars_before(path: Path, step: int) -> None:
 class RunLog:
     """Tensorboard writer that also appends every scalar to scalars.jsonl and records the run.
 
-    start_step > 0 marks a resumed run: scalars from that step on, written by the interrupted
-    session, are dropped from both logs (tensorboard's purge_step) so each step appears once.
-    """
+    start_step > 0 marks a resumed run: the interrupted session's scalars from that step on are dropped from both
+    logs (tensorboard's purge_step), so each step appears once."""
 
     def __init__(self, folder: Path, args, env: dict, start_step: int = 0):
         self.folder = Path(folder)
@@ -104,6 +87,5 @@ class RunLog:
 
 
 def read_scalars(folder: Path) -> list[dict]:
-    """The scalars.jsonl records of a run folder, in the order written."""
     path = Path(folder) / SCALARS_FILE
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

@@ -36,8 +36,7 @@ def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str
 
 
 def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
-    """Training options where the checkpoint differs from what this grid asks for (options that the code
-    which wrote it did not have yet cannot differ)."""
+    """Training options where the checkpoint differs from this grid (options it was written without cannot)."""
     config = ckpt["config"]
     return [f"--{key} {config[key]} (asked: {value})" for key, value in sorted(expected.items())
             if key not in RUNTIME_OPTIONS and key in config and config[key] != value]
@@ -50,8 +49,7 @@ def finished_checkpoints(args, variant: str, seed: int, categories: list[str]) -
     found = {}
     for category, items in checkpoints.scan(model_dir).items():
         for path, ckpt in items:
-            diff = config_mismatch(ckpt, expected)
-            if diff:
+            if diff := config_mismatch(ckpt, expected):
                 raise CutPasteError(f"{path} was trained with other settings ({'; '.join(diff[:3])}); "
                                     f"give another --out_dir or remove that file")
         found[category] = items[-1]
@@ -79,8 +77,7 @@ def done_keys(results: pd.DataFrame) -> set[tuple]:
 
 def write_results(results: pd.DataFrame, rows: list[dict], path: Path) -> pd.DataFrame:
     """Add rows (replacing rows with the same key), sort, and write the CSV atomically."""
-    new = pd.DataFrame(rows)
-    frame = new if results.empty else pd.concat([results, new], ignore_index=True)
+    frame = pd.DataFrame(rows) if results.empty else pd.concat([results, pd.DataFrame(rows)], ignore_index=True)
     frame = frame.astype({"seed": str})
     frame = frame[list(KEY) + [c for c in frame.columns if c not in KEY]]
     frame = frame[~frame.apply(row_key, axis=1).duplicated(keep="last")]
@@ -116,18 +113,13 @@ def run_one(args, variant: str, seed: int, categories: list[str], results: pd.Da
     if not todo:
         print(f"{name}: all {len(categories)} categories already in {args.csv}; skipped")
         return results
-    missing = [c for c in todo if c not in found]
-    if missing:
+    if missing := [c for c in todo if c not in found]:
         print(f"{name}: training {', '.join(missing)}")
         training.run(options.training_parser().parse_args(train_argv(args, variant, seed, missing)))
         found = finished_checkpoints(args, variant, seed, categories)
     ns = eval_namespace(args, args.out_dir / "models" / name)
-    rows = []
-    for category in todo:
-        path, ckpt = found[category]
-        row = evaluation.evaluate_category(ns, category, path, ckpt, device)
-        rows.append({**row, **grid_columns(args, category, variant, str(seed)), "models": 1,
-                     "logdir": str(args.out_dir / "logdirs" / name / path.stem)})
+    rows = [{**evaluation.evaluate_category(ns, c, *found[c], device), **grid_columns(args, c, variant, str(seed)),
+             "models": 1, "logdir": str(args.out_dir / "logdirs" / name / found[c][0].stem)} for c in todo]
     return write_results(results, rows, args.csv)
 
 
@@ -142,9 +134,8 @@ def run_ensembles(args, categories: list[str], results: pd.DataFrame, device) ->
         runs = {s: finished_checkpoints(args, variant, s, categories) for s in args.seed_list}
         ns = eval_namespace(args, args.out_dir / "models" / run_name(args, variant, seeds))
         for category in todo:
-            members = [runs[s][category] for s in args.seed_list]
-            row = evaluation.evaluate_ensemble(ns, category, members, device)
-            rows.append({**row, **grid_columns(args, category, variant, seeds), "models": len(members),
+            row = evaluation.evaluate_ensemble(ns, category, [runs[s][category] for s in args.seed_list], device)
+            rows.append({**row, **grid_columns(args, category, variant, seeds), "models": len(args.seed_list),
                          "logdir": ""})
     return write_results(results, rows, args.csv) if rows else results
 

@@ -1,13 +1,8 @@
 """Surviving interruptions: periodic training states, --resume, Ctrl-C, and finished categories.
 
-A training state (``<model_dir>/<category>.state.pt``) holds everything the loop needs to go on
-exactly where it stopped: weights, optimizer, scheduler, the step, the augmentation generator's
-state and torch's global random state. It is written atomically (checkpoints.atomic_save), so a crash
-or a full disk during a write leaves the previous state intact. On the CPU with a fixed seed a
-resumed run ends bit-identical to an uninterrupted one.
-
-Nothing here runs at import time.
-"""
+A training state (``<model_dir>/<category>.state.pt``) holds weights, optimizer, scheduler, step and the generator's
+and torch's random states, written atomically (checkpoints.atomic_save). On the CPU with a fixed seed a resumed run
+ends bit-identical to an uninterrupted one."""
 import signal
 import sys
 import threading
@@ -22,8 +17,8 @@ from support.errors import CutPasteError
 # Bumped when the state layout changes in a way old readers cannot follow.
 STATE_FORMAT = 1
 STATE_KIND = "cutpaste-training-state"
-# The settings that make two trainings of a category the same run: a state or a checkpoint made
-# with other values of these is not continued or counted as finished.
+# The settings that make two trainings of a category the same run: with others a state is not continued, nor a
+# checkpoint counted as finished.
 RUN_KEYS = ("variant", "epochs", "batch_size", "lr", "optim", "arch", "pretrained", "freeze_resnet", "head_layer",
             "size", "patch_size", "seed")
 
@@ -50,18 +45,10 @@ def capture(step: int, run_name: str, category: str, args, model, opt, sched, ge
             device: torch.device) -> dict:
     """Everything needed to continue training after `step` completed steps."""
     return {
-        "kind": STATE_KIND,
-        "format": STATE_FORMAT,
-        "code_version": code_version(),
-        "category": category,
-        "run_name": run_name,
-        "step": step,
-        "config": run_config(args),
-        "device_type": device.type,
+        "kind": STATE_KIND, "format": STATE_FORMAT, "code_version": code_version(), "category": category,
+        "run_name": run_name, "step": step, "config": run_config(args), "device_type": device.type,
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "generator": gen.get_state(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
@@ -130,11 +117,8 @@ def finished_checkpoints(model_dir: Path, args) -> dict[str, Path]:
 
 
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request the training loop polls between steps.
-
-    The loop then saves its state and stops cleanly; a second signal aborts at once. Outside the
-    main thread (where handlers cannot be installed) it is inert.
-    """
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request the training loop polls between steps, to save and
+    stop; a second signal aborts at once. Inert outside the main thread, where handlers cannot be installed."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -1,8 +1,4 @@
-"""Where and how the network runs: device, bf16 autocast, memory format, threads, generators, embedding.
-
-`choose` turns the runtime flags (options.runtime_flags) into settings for the hardware at hand
-when they are left on auto, and `describe` says them in the one start-up line.
-"""
+"""Where and how the network runs: device, bf16 autocast, memory format, allocator, generators, embedding."""
 import contextlib
 import ctypes
 import os
@@ -47,14 +43,10 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def choose(args, device: torch.device) -> None:
-    """Fill args.amp and args.channels_last where they are None (auto), for `device`, and on the CPU keep freed
-    memory unless --no-keep_freed_memory.
+    """Fill args.amp and args.channels_last where None (auto) for `device`; on the CPU keep freed memory if asked.
 
-    bf16 where it is native. Channels-last where convolutions run faster in it: on CUDA and with
-    bf16 (oneDNN's blocked kernels); for float32 on a CPU plain NCHW, which is never slower than
-    itself (channels-last was 10 % slower at 256 px on one AVX2 CPU and 10 % faster at 64 px on
-    another, doc/performance.md). Explicit flags always win.
-    """
+    bf16 where native; channels-last on CUDA and with bf16 (oneDNN's blocked kernels), but NCHW for float32 on a CPU
+    (channels-last was 10 % slower at 256 px on one AVX2 CPU, 10 % faster at 64 px on another, doc/performance.md)."""
     if args.amp is None:
         args.amp = bf16_supported(device)
     if args.channels_last is None:
@@ -74,13 +66,10 @@ def describe(device: torch.device, amp: bool, channels_last: bool) -> str:
 
 
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for the next training step instead of unmapping it.
+    """Have glibc's malloc keep freed memory for the next step instead of unmapping it; False without glibc.
 
     Pays on the CPU: the float32 256 px step went from 4.3 to about 6 images/s on a 2-core AVX2 EPYC
-    (doc/performance.md). By default glibc maps fresh pages for every large tensor and unmaps them on
-    free, so each step faults its activations in again; without mmap and with a high trim threshold
-    they stay mapped, for about 0.5 GB more resident memory. False, changing nothing, without glibc.
-    """
+    (doc/performance.md). Otherwise every step faults its activations in again; costs about 0.5 GB resident."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, TypeError, AttributeError):  # no process-wide C library handle, or no mallopt in it
@@ -94,14 +83,10 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on the device, or a no-op."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
-    """The one random generator that drives data sampling and augmentation on `device`."""
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -1,6 +1,5 @@
-"""The training loop behind run_training.py (Li et al., CVPR 2021, sections 3 and 4.1): one CutPaste model
-per category, with periodic training states for --resume, tensorboard scalars, and a results table.
-"""
+"""The training loop behind run_training.py (Li et al., CVPR 2021, sections 3 and 4.1): one CutPaste model per
+category, with training states for --resume, tensorboard scalars and a results table."""
 import datetime
 import math
 import sys
@@ -70,15 +69,13 @@ def train_step(model, opt, sched, x, y, device, amp: bool):
 
 def flush_scalars(writer, pending: list, category: str) -> float:
     """Write buffered (step, loss, acc, lr) to tensorboard with one device read; stop on a non-finite loss."""
-    steps = [s for s, _, _, _ in pending]
     values = torch.stack([torch.stack([loss, acc]) for _, loss, acc, _ in pending]).cpu().tolist()
-    for step, (loss, acc), (_, _, _, lr) in zip(steps, values, pending):
+    for (loss, acc), (step, _, _, lr) in zip(values, pending):
         if not math.isfinite(loss):
             raise CutPasteError(f"{category}: the loss became {loss} at step {step}; lower --lr or try "
                                 f"--no-amp (no checkpoint was written for {category})")
-        writer.add_scalar("loss", loss, step)
-        writer.add_scalar("acc", acc, step)
-        writer.add_scalar("lr", lr, step)
+        for tag, value in (("loss", loss), ("acc", acc), ("lr", lr)):
+            writer.add_scalar(tag, value, step)
     pending.clear()
     writer.flush()
     return values[-1][0]
@@ -171,8 +168,7 @@ def finish_category(run: Run, train_u8: torch.Tensor) -> Path:
 
 
 def batch_source(args, train_u8: torch.Tensor, gen: torch.Generator, device: torch.device):
-    """A callable returning each step's (x, y), of patches (section 4.2) or of whole images; on CUDA replayed
-    from a CUDA graph unless --no-cuda_graph."""
+    """A callable returning each step's (x, y) of patches (section 4.2) or whole images; a CUDA graph on CUDA."""
     def make():
         if args.patch_size:
             return patches.make_patch_batch(train_u8, args.variant, args.batch_size, args.patch_size, gen)
@@ -181,10 +177,8 @@ def batch_source(args, train_u8: torch.Tensor, gen: torch.Generator, device: tor
 
 
 def run_steps(run: Run, start: int, train_u8: torch.Tensor, test_set, stop) -> tuple[float, float]:
-    """Steps `start` to --epochs, with scalars, monitoring and saved states; returns (last loss, last AUROC).
-
-    Every --save_every steps, on a stop request (Ctrl-C) and after the last step the training state
-    is saved atomically, so an interrupted or failed run loses at most --save_every steps."""
+    """Steps `start` to --epochs with scalars and monitoring; returns (last loss, last AUROC). The state is saved
+    every --save_every steps, on a stop request and at the end, so a failed run loses at most --save_every steps."""
     args, model = run.args, run.model
     step_model = torch.compile(model) if args.compile else model
     freeze = args.pretrained and args.freeze_resnet > 0
@@ -221,7 +215,6 @@ def run_steps(run: Run, start: int, train_u8: torch.Tensor, test_set, stop) -> t
 
 def train_category(args, category: str, device: torch.device, stop: runstate.StopRequest | None = None,
                    world: distributed.World = distributed.World()) -> dict:
-    """Train (or resume) one category and write its checkpoint; return its summary row."""
     train_u8 = dataset.MVTecTrain(args.data_dir, category, args.size, args.workers).images.to(device)
     test_set = dataset.MVTecTest(args.data_dir, category, args.size, args.workers) if args.test_epochs > 0 else None
     torch.manual_seed(args.seed)  # weights; the augmentation draws from its own generator
@@ -289,11 +282,8 @@ def raise_failures(rows: list[dict], model_dir: Path) -> None:
                             + f"; the others' checkpoints are in {model_dir}")
 
 
-
-
 def run(args) -> list[Path]:
-    """run_training.py: train this process's share of the categories, write the results table on rank 0, and
-    return the checkpoints written or found."""
+    """run_training.py: train this rank's share, write the table on rank 0; returns the checkpoints made or found."""
     check_args(args)
     world = distributed.setup()
     try:

@@ -1,10 +1,8 @@
-"""Time dense scoring (Li et al., CVPR 2021, section 4.2): seconds per test image, from uint8 image to
-upsampled anomaly map, excluding the one-off fit of the Gaussians on the training patches.
+"""Time dense scoring (Li et al., CVPR 2021, section 4.2): seconds per test image, from uint8 image to upsampled
+anomaly map, without the one-off fit of the Gaussians. Timing does not depend on the weights, so an untrained
+ResNet18 is used unless --checkpoint is given.
 
-    python tools/bench_localization.py                      # 256 px, 64 px patches, stride 4, default device
     python tools/bench_localization.py --device cuda --images 64
-
-Timing does not depend on the weights, so an untrained ResNet18 is used unless --checkpoint is given.
 """
 import argparse
 import sys
@@ -51,8 +49,7 @@ def main(argv=None):
     density, _ = patches.fit_patch_density(runner, images[:2], args.patch_size, local=args.patch_density == "local")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     per_image = []
-    # One bar for the run, not one per image: gpu_checks.sh keeps the output in a file. The first image warms the
-    # kernels up and is not counted.
+    # One bar for the run, as gpu_checks.sh keeps the output in a file; the first image is a warm-up, not counted.
     for i in tqdm(range(args.images + 1), desc="dense maps", dynamic_ncols=True):
         sync()
         start = time.perf_counter()

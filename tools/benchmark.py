@@ -1,6 +1,6 @@
-"""Throughput of augmentation, training step, end-to-end training and evaluation; peak memory; FLOP/s. In the
-same run, a reference built as the earlier PyTorch reimplementation works (per-image PIL ColorJitter and CutPaste
-in DataLoader workers, float32 NCHW; per-image PIL loading to evaluate), so speed-ups are ratios from one run.
+"""Throughput of augmentation, training step, end-to-end training and evaluation; peak memory; FLOP/s; and, in
+the same run, of a reference built as the earlier reimplementation works (per-image PIL augmentation in DataLoader
+workers, float32 NCHW), so speed-ups are ratios from one run.
 
     python tools/benchmark.py --data_dir ../shared/data/mvtec_bottle_256 --type bottle --out doc/benchmark_cpu.md
 """
@@ -55,8 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def timed_in_turn(fns, device, steps: int, warmup: int) -> list[float]:
-    """Median seconds per call of each fn. The fns are called in turn, so that a change of machine load hits
-    all alike, and each call is timed on its own with the device synchronised around it."""
+    """Median seconds per call of each fn, called in turn so that a change of machine load hits all alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = [[] for _ in fns]
     for call in range(warmup + steps):
@@ -81,8 +80,8 @@ def make_step(t, device, amp: bool, channels_last: bool, compiled: bool = False)
 
 
 def bench_ours(args, t, images, device) -> dict:
-    """Ours: augmentation alone; the model step with runtime.choose's settings, in plain float32 NCHW and
-    (--compile) compiled; end to end; and the step's FLOP/s."""
+    """Ours: augmentation; the model step as runtime.choose sets it, in fp32 NCHW and (--compile) compiled; end to
+    end; the step's FLOP/s."""
     batch = training.batch_source(t, images, runtime.make_generator(device, 0), device)
     x, y = batch()
     x_fmt = x.contiguous(memory_format=runtime.memory_format(t.channels_last))
@@ -109,8 +108,7 @@ class ReferenceCutPaste(Dataset):
     """The reference data path: PIL images, ColorJitter and CutPaste per image in PIL."""
 
     def __init__(self, images_u8: torch.Tensor, length: int):
-        self.pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images_u8]
-        self.length = length
+        self.pil, self.length = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images_u8], length
         self.jitter = T.ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER, COLOR_JITTER)
         # The model normalises internally, so the reference stops at float tensors.
         self.to_tensor = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
@@ -148,8 +146,7 @@ def bench_reference(args, t, images, device) -> float:
 
 
 def reference_eval(args, t, device) -> None:
-    """The reference's evaluation: images decoded and resized one by one with PIL, float32 NCHW, the clean
-    training images embedded again and scikit-learn's LedoitWolf refitted."""
+    """The reference's evaluation: PIL decoding one by one, float32 NCHW, scikit-learn's LedoitWolf refitted."""
     model = checkpoints.build_model(t.head_layer, 2, t.arch).to(device).eval()
     tf = T.Compose([T.Resize((args.size, args.size)), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
     embeds = []
@@ -163,16 +160,14 @@ def reference_eval(args, t, device) -> None:
 
 
 def run_command(cmd: list[str]) -> None:
-    """Run a command; a failure is an error that names it."""
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise CutPasteError(f"{Path(cmd[1]).name} failed in the benchmark: {res.stderr.strip()[-500:]}")
 
 
 def bench_eval(args, t, images, device) -> dict:
-    """Seconds to evaluate the category (medians of --eval_repeats): ours from a checkpoint in this process (no
-    plots) and as the `python eval.py` command a user runs (a fresh process, plots on as by default), and the
-    reference in this process."""
+    """Seconds to evaluate the category (medians of --eval_repeats): ours in this process (no plots) and as the
+    `python eval.py` command (plots on), and the reference."""
     with tempfile.TemporaryDirectory() as tmp:
         t = argparse.Namespace(**{**vars(t), "model_dir": Path(tmp) / "models"})
         torch.manual_seed(t.seed)  # untrained weights: evaluation takes as long whatever they are
@@ -181,7 +176,8 @@ def bench_eval(args, t, images, device) -> dict:
         flags = ["--data_dir", str(args.data_dir), "--type", args.type, "--model_dir", str(t.model_dir),
                  "--out_dir", str(Path(tmp) / "Eval"), "--device", str(device), "--workers", str(args.workers),
                  "--amp" if t.amp else "--no-amp", "--channels_last" if t.channels_last else "--no-channels_last"]
-        fns = {"ours: eval in-process s": lambda: evaluation.run(options.eval_parser().parse_args([*flags, "--save_plots", "0"])),
+        fns = {"ours: eval in-process s":
+                   lambda: evaluation.run(options.eval_parser().parse_args([*flags, "--save_plots", "0"])),
                "ours: eval command s (python eval.py, plots on)":
                    lambda: run_command([sys.executable, str(ROOT / "eval.py"), *flags])}
         if args.reference:
@@ -194,7 +190,7 @@ def bench_eval(args, t, images, device) -> dict:
 
 
 def cpuinfo() -> dict:
-    """The first processor's entries in /proc/cpuinfo (empty where there is none)."""
+    """The first processor's entries in /proc/cpuinfo."""
     try:
         first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
@@ -203,8 +199,8 @@ def cpuinfo() -> dict:
 
 
 def machine_peak() -> tuple[float, str]:
-    """The float32 peak GFLOP/s of the cores this process may use, cores x clock x FLOP per cycle per core, and
-    how it was found. A core has 2 FMA units of 16 (AVX-512) or 8 (AVX2) fp32 lanes; an FMA is 2 FLOP."""
+    """The fp32 peak GFLOP/s of this process's cores and how it was found: 2 FMA units of 16 (AVX-512) or 8 (AVX2)
+    lanes per core, 2 FLOP per FMA."""
     info = cpuinfo()
     smt = int(info.get("siblings", 1)) // max(1, int(info.get("cpu cores", 1)))  # hardware threads share a core
     cores = max(1, len(os.sched_getaffinity(0)) // max(1, smt))
@@ -219,7 +215,6 @@ def machine_peak() -> tuple[float, str]:
 
 
 def report(args, device, rows: dict) -> str:
-    """The markdown table: floats below 1 keep four significant digits, larger ones three decimals."""
     cpu, bf16 = cpuinfo().get("model name", "unknown CPU"), "yes" if runtime.bf16_supported(device) else "no"
     lines = [f"# Benchmark: ours on {runtime.describe(device, args.amp, args.channels_last)}", "",
              f"Machine: {cpu}, CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 native on {device}: "
@@ -228,7 +223,7 @@ def report(args, device, rows: dict) -> str:
              f"medians of {args.steps} timed steps after {args.warmup} warm-up; img/s counts the model's whole batch",
              "", "| measurement | value |", "|---|---|"]
     for name, value in rows.items():
-        if isinstance(value, float):
+        if isinstance(value, float):  # below 1: four significant digits, else three decimals
             value = f"{value:.4g}" if abs(value) < 1 else f"{value:.3f}"
         lines.append(f"| {name} | {value} |")
     return "\n".join(lines) + "\n"
@@ -247,8 +242,7 @@ def main(argv=None) -> dict:
     images = (dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers).images if args.data_dir else
               torch.randint(0, 256, (max(64, args.batch_size), 3, args.size, args.size), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(0))).to(device)
-    # The reference trains first, with the C library's default allocator, as the earlier code runs; ours then
-    # runs as run_training.py does (the allocator setting is for the whole process, evaluation included).
+    # The reference trains first, with the C library's default allocator as the earlier code; the setting is global.
     ref = 2 * args.batch_size / bench_reference(args, t, images, device) if args.reference else None
     if device.type == "cpu" and keep:
         runtime.keep_freed_memory()
