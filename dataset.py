@@ -39,7 +39,9 @@ class TestItem:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files in `folder`, sorted; hidden files (.DS_Store, macOS's ._* companions) are not images."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def category_dir(root: Path, category: str) -> Path:
@@ -72,7 +74,9 @@ def resolve_categories(root: Path, types: str) -> list[str]:
             category_dir(root, MVTEC_CATEGORIES[0])  # raises the missing-root error if that is the cause
             raise CutPasteError(f"found no category with a train/good folder in {root}; check --data_dir")
         return cats
-    cats = [c.strip() for c in types.split(",") if c.strip()]
+    cats = list(dict.fromkeys(c.strip() for c in types.split(",") if c.strip()))  # each once, in order
+    if not cats:
+        raise CutPasteError(f"--type {types!r} names no category; give one or more, comma-separated, or 'all'")
     for cat in cats:
         category_dir(root, cat)
     return cats
@@ -111,13 +115,21 @@ def list_test_items(root: Path, category: str) -> list[TestItem]:
     return items
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale scaled to 8 bits; PIL's convert() would clip them (all white)."""
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    full = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    return Image.fromarray(np.clip(arr / full * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: Path, size: int):
     """Decode any PIL-readable image to RGB, resize to size x size (bilinear); uint8 tensor (3, size, size)."""
     import torch
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = np.asarray(to_8bit(img).convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise CutPasteError(f"cannot read image {path} ({err}); replace or remove that file") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -131,11 +143,12 @@ def load_mask(mask_path: Path, image_path: Path, size: int):
             if mask.size != img.size:
                 warnings.warn(f"mask {mask_path} is {mask.size}, its image {img.size}; mask ignored")
                 return None
-            arr = np.asarray(mask.convert("L").resize((size, size), Image.NEAREST))
+            arr = np.asarray(to_8bit(mask).convert("L").resize((size, size), Image.NEAREST))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         warnings.warn(f"cannot read mask {mask_path} ({err}); mask ignored")
         return None
-    return torch.from_numpy(arr > 127)
+    # Masks stored as 0/1 are binary as much as 0/255 ones; others are cut at half the range.
+    return torch.from_numpy(arr > (0 if arr.max() <= 1 else 127))
 
 
 def load_images(paths: list[Path], size: int, workers: int = 0):

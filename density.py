@@ -21,6 +21,11 @@ def normalize(embeds: torch.Tensor) -> torch.Tensor:
     return F.normalize(embeds.float(), p=2, dim=1)
 
 
+def no_spread_message(n: int) -> str:
+    return (f"cannot fit a Gaussian to {n} clean embedding(s) without any spread (a single training image, or "
+            f"identical ones); add more, different clean images to train/good")
+
+
 def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Ledoit-Wolf covariance (D, D) of (N, D) samples and shrinkage s in [0, 1]: (1 - s) S + s * mu I, S empirical,
     mu = tr(S) / D, s = min(beta, delta) / delta as in Ledoit & Wolf (2004), lemmas 3.2-3.4."""
@@ -28,6 +33,9 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     xc = (x - x.mean(dim=0)).double()
     emp = xc.T @ xc / n
     mu = torch.trace(emp) / d
+    # Identical rows have no spread: the shrinkage target mu * I is then zero too, and no shrinkage helps.
+    if not bool((x != x[:1]).any()):
+        raise CutPasteError(no_spread_message(n))
     sq = xc * xc
     beta_sum = (sq.T @ sq).sum() / n  # sum_k ||x_k x_k^T||_F^2 / n
     delta_sum = (emp * emp).sum()  # ||S||_F^2
@@ -72,6 +80,8 @@ class GaussianDensitySklearn:
     name = "sklearn"
 
     def fit(self, embeds: torch.Tensor) -> "GaussianDensitySklearn":
+        if not bool((embeds != embeds[:1]).any()):
+            raise CutPasteError(no_spread_message(len(embeds)))
         self.model = LedoitWolf().fit(embeds.detach().cpu().double().numpy())
         return self
 

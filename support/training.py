@@ -36,6 +36,8 @@ def check_args(args) -> None:
     for name in ("epochs", "batch_size", "size", "head_layer", "log_every"):
         if getattr(args, name) < (0 if name == "head_layer" else 1):
             raise CutPasteError(f"--{name} {getattr(args, name)} is out of range; give a positive number")
+    if not args.lr > 0:
+        raise CutPasteError(f"--lr {args.lr} is out of range; give a positive learning rate (paper: 0.03)")
     if args.workers < 0:
         raise CutPasteError(f"--workers {args.workers} is negative; give 0 or more")
     if args.save_every < 0:

@@ -79,3 +79,35 @@ def test_missing_and_wrong_size_masks_warn(tmp_path, mvtec_root):
     text = " ".join(str(w.message) for w in caught)
     assert "hole/000_mask.png" in text and "stain/000_mask.png" in text
     assert int((~test.has_mask).sum()) == 2
+
+
+def test_each_category_once_and_none_is_an_error(mvtec_root):
+    assert dataset.resolve_categories(mvtec_root, "lid,lid, cap") == ["lid", "cap"]
+    for empty in ("", " , "):
+        with pytest.raises(CutPasteError, match="names no category"):
+            dataset.resolve_categories(mvtec_root, empty)
+
+
+def test_hidden_files_are_not_images(tmp_path):
+    folder = tmp_path / "lid" / "train" / "good"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's resource-fork companion
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    assert [p.name for p in dataset.list_train_images(tmp_path, "lid")] == ["a.png"]
+
+
+def test_sixteen_bit_images_and_zero_one_masks_keep_their_values(tmp_path):
+    grey = np.full((8, 8), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    pixels = dataset.load_image(tmp_path / "grey16.png", 8)
+    assert pixels.shape == (3, 8, 8) and int(pixels.min()) == int(pixels.max()) == 128, "not clipped to white"
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:4, 2:4] = 1  # a mask stored as 0/1
+    Image.fromarray(mask).save(tmp_path / "m01.png")
+    Image.fromarray(mask * 255).save(tmp_path / "m255.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    m01 = dataset.load_mask(tmp_path / "m01.png", tmp_path / "img.png", 8)
+    assert int(m01.sum()) == 4
+    assert torch.equal(m01, dataset.load_mask(tmp_path / "m255.png", tmp_path / "img.png", 8))

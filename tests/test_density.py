@@ -51,3 +51,15 @@ def test_image_auroc_known_case():
     assert metrics.image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     assert metrics.image_auroc([0, 1, 0, 1], [0.0, 1.0, 0.2, 0.9]) == 1.0
     assert np.isnan(metrics.image_auroc([0, 0], [0.1, 0.2]))
+
+
+@pytest.mark.parametrize("kind", ["torch", "sklearn"])
+def test_no_spread_is_a_clear_error_not_a_singular_matrix(kind):
+    """Ledoit-Wolf shrinks towards mu * I, which is zero when the embeddings do not vary at all."""
+    from support.errors import CutPasteError
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 5, 7, 96):  # identical rows, whose mean may round off them
+        row = torch.randn(1, 512, generator=gen)
+        with pytest.raises(CutPasteError, match="without any spread"):
+            density.make_density(kind).fit(density.normalize(row.repeat(n, 1)))
+    density.make_density(kind).fit(density.normalize(torch.randn(2, 8, generator=gen)))  # two distinct images do

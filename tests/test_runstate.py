@@ -198,3 +198,20 @@ def test_full_disk_at_the_final_checkpoint_keeps_the_trained_state(tmp_path, mvt
     monkeypatch.undo()
     (path,) = train(tmp_path, mvtec_root, *extra, "--resume")
     assert engine.read_checkpoint(path)["steps"] == 2 and not state_file.exists()
+
+
+def test_a_category_with_one_training_image_fails_clearly_and_the_others_train(tmp_path, mvtec_root):
+    data = tmp_path / "data"
+    shutil.copytree(mvtec_root, data)
+    for extra in sorted((data / "cap" / "train" / "good").glob("*.png"))[1:]:
+        extra.unlink()  # one clean image: no covariance to estimate
+    with pytest.raises(CutPasteError, match=r"1 of 2 categories failed: cap \(cannot fit a Gaussian.*train/good"):
+        train(tmp_path, data, "--no-pretrained", "--variant", "normal", "--epochs", "2")
+    table = pd.read_csv(tmp_path / "models" / "train_results.csv")
+    assert list(table["status"]) == ["failed", "trained"], "lid is still trained and the table written"
+    assert runstate.state_path(tmp_path / "models", "cap").exists(), "the trained steps are kept"
+
+
+def test_a_learning_rate_that_is_not_positive_is_refused(tmp_path, mvtec_root):
+    with pytest.raises(CutPasteError, match="--lr -1.0 is out of range"):
+        train(tmp_path, mvtec_root, "--no-pretrained", "--lr", "-1")
