@@ -236,6 +236,9 @@ def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor | None,
         info["patch_density"] = "local" if local else "shared"
         runner = patches.Runner(model, device, args.amp, args.channels_last, args.patch_batch)
         patch = dense_patch_size(patch_size, test_u8.shape[-1])
+        if args.stride > patch:
+            raise CutPasteError(f"--stride {args.stride} is larger than the {patch} px patches: pixels between them "
+                                f"would get no score; give --stride {patch} or less (paper: 4)")
         kind = args.density if args.density in DENSITY_ESTIMATORS else "torch"  # patch Gaussians are refitted
         return patches.dense_maps(runner, train_u8, test_u8, patch, args.stride, kind, local, args.cell_stride), info
     return None, info

@@ -253,6 +253,8 @@ def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root):
         eval_script.main(common + ["--localization", "gradcam"])
     with pytest.raises(CutPasteError, match="--stride 0 is out of range"):
         eval_script.main(common + ["--stride", "0"])
+    with pytest.raises(CutPasteError, match="--stride 33 is larger than the 32 px patches"):
+        eval_script.main(common + ["--stride", "33"])  # would leave pixels without a score (NaN maps)
     with pytest.raises(CutPasteError, match="--patch_size 64 must be 0"):
         run_training.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--patch_size", "64",
                            *TINY])
