@@ -70,7 +70,7 @@ def runtime_flags() -> argparse.ArgumentParser:
                         "AVX512-BF16 or AMX)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format; default (None): on with CUDA or bf16, where it is faster, "
-                        "off for float32 on a CPU, where plain NCHW is faster")
+                        "off for float32 on a CPU, where neither wins everywhere (doc/performance.md)")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images (0: the main thread)")
     p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, have glibc's malloc keep freed memory for the next batch instead of mapping "
