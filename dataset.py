@@ -130,6 +130,9 @@ def load_image(path: Path, size: int):
     try:
         with Image.open(path) as img:
             arr = np.asarray(to_8bit(img).convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    except Image.DecompressionBombError as err:
+        raise CutPasteError(f"cannot read image {path}: {err}; downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                            f"if you trust the file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise CutPasteError(f"cannot read image {path} ({err}); replace or remove that file") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -4,6 +4,7 @@ Also here: the one atomic write, the one scan of a checkpoint folder, and torchv
 its cache (they cannot be fetched on every machine)."""
 import contextlib
 import datetime
+import io
 import os
 import socket
 import subprocess
@@ -48,7 +49,41 @@ def atomic_write(path: Path, write, mode: str = "wb") -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+    """torch.save into memory, then one plain write: a full disk raises OSError (ENOSPC), which torch.save's own
+    writer turns into a RuntimeError that names no cause."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
+
+
+def writable_folder(folder: Path, flag: str) -> Path:
+    """Create `folder` and prove a file can be written there, before any work whose results would go there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise CutPasteError(f"{flag} {folder} is not a writable folder ({err.strerror or err}); "
+                            f"give one you can write to") from None
+    return folder
+
+
+def writable_file(path: Path, flag: str) -> Path:
+    """`path` can be written as a file: not a folder, in a writable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise CutPasteError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'predictions.csv'}")
+    writable_folder(path.parent, flag)
+    return path
+
+
+def plain_name(value, what: str, path: Path) -> str:
+    """A name read from a file, checked to be one plain path component: data never becomes a path."""
+    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise CutPasteError(f"{path} holds {what} {value!r}, which is not a plain name; it was not written by "
+                            f"this project: remove it from the folder")
+    return value
 
 
 def code_version() -> str:
@@ -133,6 +168,7 @@ def read_checkpoint(path: Path) -> dict:
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise CutPasteError(f"{path} has checkpoint format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}; "
                             f"retrain it with this version")
+    plain_name(ckpt["category"], "the category", path)  # eval and predict join it to --data_dir and --out_dir
     return ckpt
 
 
@@ -169,6 +205,9 @@ def density_from_checkpoint(ckpt: dict, path: Path, device: torch.device) -> den
     if mean is None or tuple(mean.shape) != (dim,) or precision is None or tuple(precision.shape) != (dim, dim):
         raise CutPasteError(f"{path} holds no Gaussian of {dim}-d embeddings (written by other code); retrain it, "
                             f"or refit the Gaussian with eval.py --density torch")
+    if not (torch.isfinite(mean).all() and torch.isfinite(precision).all()):
+        raise CutPasteError(f"{path} holds a Gaussian with NaN or infinite values, which would score every image "
+                            f"NaN; retrain it, or refit the Gaussian with eval.py --density torch")
     return density_lib.GaussianDensityTorch.from_state_dict(state, device)
 
 

@@ -34,7 +34,14 @@ STAGING = ".extracting"
 
 
 def archive_name(url: str) -> str:
-    return os.path.basename(urllib.parse.urlparse(url).path) or MVTEC_ARCHIVE
+    """The archive's file name from `url`, checked: an http(s) or file address whose path ends in a file name."""
+    parts = urllib.parse.urlparse(url)
+    if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc):
+        raise CutPasteError(f"--url {url!r} is not an http(s) address; give one like https://host/archive.tar.xz")
+    name = os.path.basename(parts.path)
+    if name in (".", ".."):
+        raise CutPasteError(f"--url {url!r} ends in {name!r}, not an archive's file name; give the archive's address")
+    return name or MVTEC_ARCHIVE
 
 
 def _content_range_start(header: str | None) -> tuple[int, int | None]:
@@ -152,6 +159,9 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, CutPasteError):
             raise
+        if isinstance(err, OSError) and err.errno is not None:  # writing the target failed, not reading the archive
+            raise CutPasteError(f"cannot extract {archive} into {dest} ({err}); the archive is kept: free space or "
+                                f"fix the folder, then rerun the same command") from None
         raise CutPasteError(f"cannot extract {archive} ({err}); delete it and rerun to download it again") from None
     for entry in entries:
         entry.replace(dest / entry.name)
@@ -163,13 +173,15 @@ def download_mvtec(dest: Path, url: str = MVTEC_URL, sha256: str = MVTEC_SHA256,
                    keep_archive: bool = True, timeout: float = READ_TIMEOUT_S) -> list[str]:
     """Download, verify and extract the archive into `dest`; return the top-level entries extracted (none when a
     verified extraction of this archive is already there)."""
-    dest = Path(dest)
+    dest, name = Path(dest), archive_name(url)
+    if dest.exists() and not dest.is_dir():
+        raise CutPasteError(f"--download {dest} is a file; give a folder to download and extract into")
     dest.mkdir(parents=True, exist_ok=True)
     marker = dest / DONE_MARKER
     if marker.exists() and marker.read_text().strip() == sha256.lower():
         print(f"{dest} already holds the extracted archive ({marker.name}); nothing to do")
         return []
-    archive = dest / archive_name(url)
+    archive = dest / name
     if not archive.exists():
         fetch(url, archive, retries, timeout)
     verify(archive, sha256)

@@ -11,5 +11,5 @@ def run_main(main):
     try:
         return main()
     except CutPasteError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)

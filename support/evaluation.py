@@ -1,5 +1,6 @@
 """eval.py's evaluation: image AUROC per category, plots and a table beside the paper's; with anomaly maps
 (patches.py, gradcam.py) also pixel AUROC, PRO and heatmap figures."""
+import itertools
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,22 @@ ALIGNED_CATEGORIES = ("bottle", "cable", "capsule", "metal_nut", "pill", "toothb
 IMAGE_MODEL_PATCH_FRACTION = 0.25
 # Quantiles of a category's map values that span the colour scale of its heatmap figures.
 HEATMAP_PERCENTILES = (0.01, 0.99)
+
+
+def results_folder(args, ensemble: bool = False) -> Path:
+    """<--out_dir>/<--model_dir's name>[_ensemble], or the first free <name>-2, -3, ... when that folder holds the
+    results of another model folder (its model_dir.txt names it): two runs' tables never overwrite each other."""
+    source = str(Path(args.model_dir).resolve())
+    base = Path(args.model_dir).name + ("_ensemble" if ensemble else "")
+    for n in itertools.count(1):
+        out = Path(args.out_dir) / (base if n == 1 else f"{base}-{n}")
+        marker = out / "model_dir.txt"
+        if not marker.exists() or marker.read_text().strip() == source:
+            break
+    checkpoints.writable_folder(out, "--out_dir")
+    if not marker.exists():
+        checkpoints.atomic_write(marker, lambda fh: fh.write(source + "\n"), "w")
+    return out
 
 
 def paper_value(table_path: Path, category: str, column: str) -> float:
@@ -79,7 +96,7 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     scores = scores.float().cpu().numpy()
     auroc = metrics.image_auroc(test_set.labels, scores)
     print(f"{category} AUC: {auroc}")
-    out = args.out_dir / args.model_dir.name / category
+    out = results_folder(args) / category
     if args.save_plots:
         save_plots(out, category, test_set, scores, auroc, None if test_emb is None else test_emb.cpu().numpy())
     row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
@@ -132,9 +149,21 @@ def _common(values: list):
     return values[0] if len(set(values)) == 1 else float("nan")
 
 
+def note_mixed(category: str, members: list[tuple[Path, dict]]) -> None:
+    """Say which settings an ensemble's members differ in: averaging them is allowed, but never silent."""
+    settings = {"variant": lambda c: c["variant"], "size": lambda c: c["size"], "arch": lambda c: c["model"]["arch"],
+                "head_layer": lambda c: c["model"]["head_layer"], "steps": lambda c: c["steps"]}
+    mixed = [f"{key} {', '.join(sorted({str(get(c)) for _, c in members}))}" for key, get in settings.items()
+             if len({get(c) for _, c in members}) > 1]
+    if mixed:
+        print(f"note: the ensemble of {category} mixes {'; '.join(mixed)} (each model is standardised by its own "
+              f"clean scores); keep one run's checkpoints in --model_dir to average seeds only")
+
+
 def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], device: torch.device) -> dict:
     """Image AUROC of the members' averaged standardised scores, beside the members' own."""
     data, pairs, singles = {}, [], []
+    note_mixed(category, members)
     for path, ckpt in members:
         train_scores, test_scores, test_set = member_scores(args, category, path, ckpt, data, device)
         pairs.append((train_scores, test_scores))
@@ -146,7 +175,7 @@ def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], dev
     print(f"  ensemble of {len(members)}: single-model AUROC {np.mean(singles):.2f} +- {spread:.2f}% "
           f"(min {np.min(singles):.2f}, max {np.max(singles):.2f})")
     if args.save_plots:
-        out = args.out_dir / f"{args.model_dir.name}_ensemble" / category
+        out = results_folder(args, ensemble=True) / category
         if len(set(test_set.labels.tolist())) == 2:
             plots.plot_roc(test_set.labels.numpy(), scores, auroc, f"{category}: ensemble image ROC", out / "roc.png")
         plots.plot_score_hist(scores, test_set.defects, f"{category}: ensemble scores (standardised)",
@@ -289,10 +318,10 @@ def run(args) -> pd.DataFrame:
     wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type)
     if args.ensemble:  # one ensemble of every checkpoint per category in --model_dir
         groups = checkpoints.by_category(args.model_dir, wanted)
+        out = results_folder(args, ensemble=True)
         rows = [evaluate_ensemble(args, category, members, device) for category, members in groups.items()]
-        out = args.out_dir / f"{args.model_dir.name}_ensemble"
     else:
-        rows, out = [], args.out_dir / args.model_dir.name
+        rows, out = [], results_folder(args)
         for category, (path, ckpt) in checkpoints.newest(args.model_dir, wanted).items():
             if args.head_layer is not None and args.head_layer != ckpt["model"]["head_layer"]:
                 print(f"note: --head_layer {args.head_layer} ignored; {path.name} was trained with "

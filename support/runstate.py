@@ -3,6 +3,8 @@
 A training state (``<model_dir>/<category>.state.pt``) holds weights, optimizer, scheduler, step and the generator's
 and torch's random states, written atomically (checkpoints.atomic_save). On the CPU with a fixed seed a resumed run
 ends bit-identical to an uninterrupted one."""
+import contextlib
+import fcntl
 import signal
 import sys
 import threading
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from support.checkpoints import atomic_save, code_version, scan
+from support.checkpoints import atomic_save, code_version, plain_name, scan
 from support.errors import CutPasteError
 
 # Bumped when the state layout changes in a way old readers cannot follow.
@@ -80,6 +82,7 @@ def load_state(path: Path, args) -> dict | None:
         raise CutPasteError(f"{path} is not a training state of this project; {fix}")
     if state.get("format") != STATE_FORMAT:
         raise CutPasteError(f"{path} has state format {state.get('format')}, this code reads {STATE_FORMAT}; {fix}")
+    plain_name(state.get("run_name"), "the run name", path)  # it names the run's log folder
     diffs = config_differences(state["config"], args)
     if diffs:
         raise CutPasteError(f"{path} was saved by a run with other settings: {', '.join(diffs)}; "
@@ -104,6 +107,21 @@ def restore(state: dict, path: Path, model, opt, sched, gen: torch.Generator, de
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     return int(state["step"])
+
+
+@contextlib.contextmanager
+def category_lock(model_dir: Path, category: str):
+    """Hold <model_dir>/<category>.lock while the category trains: two trainings of it into one folder would share
+    its state file. The system drops the lock when the process ends, however it ends."""
+    path = Path(model_dir) / f"{category}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CutPasteError(f"another training of {category} is writing into {model_dir} (it holds {path}); "
+                                f"wait for it to end, or give this one another --model_dir") from None
+        yield
 
 
 def finished_checkpoints(model_dir: Path, args) -> dict[str, Path]:

@@ -125,6 +125,17 @@ class Run:
         runstate.save_state(state, self.state_path)
 
 
+def claim_name(args, name: str) -> bool:
+    """Take `name` for a new run by creating its log folder, which only one process can do."""
+    if (args.model_dir / f"{name}.tch").exists():
+        return False
+    try:
+        (args.log_dir / name).mkdir(parents=True)
+    except FileExistsError:
+        return False
+    return True
+
+
 def start_run(run: Run, world: distributed.World) -> int:
     """Name the run and open its log: a fresh run, or with --resume the saved state's, restored; the first step."""
     args, path = run.args, run.state_path
@@ -134,8 +145,8 @@ def start_run(run: Run, world: distributed.World) -> int:
             print(f"note: {path} holds an interrupted run of {run.category}; this new run will overwrite it "
                   f"(--resume continues it)")
         run.name, start = f"model-{run.category}-{datetime.datetime.now():%Y-%m-%d_%H_%M_%S}", 0
-        while (args.model_dir / f"{run.name}.tch").exists() or (args.log_dir / run.name).exists():
-            run.name += "_"  # a second run within the same second (e.g. --retrain) must not overwrite the first
+        while not claim_name(args, run.name):
+            run.name += "_"  # a second run within the same second must not overwrite the first
     else:
         run.name = state["run_name"]
         start = runstate.restore(state, path, run.model, run.opt, run.sched, run.gen, run.device)
@@ -223,12 +234,13 @@ def train_category(args, category: str, device: torch.device, stop: runstate.Sto
     model = prepare_model(args, device)
     opt, sched = make_optimizer(model, args, args.epochs)
     run = Run(args, category, "", device, model, opt, sched, make_generator(device, args.seed))
-    start = start_run(run, world)
-    try:
-        last_loss, auroc = run_steps(run, start, train_u8, test_set, stop)
-        path = finish_category(run, train_u8)
-    finally:
-        run.writer.close()
+    with runstate.category_lock(args.model_dir, category):
+        start = start_run(run, world)
+        try:
+            last_loss, auroc = run_steps(run, start, train_u8, test_set, stop)
+            path = finish_category(run, train_u8)
+        finally:
+            run.writer.close()
     print(f"{category}: saved {path} (last loss {last_loss:.4f})")
     return {"category": category, "checkpoint": str(path), "last_loss": last_loss, "test_image_auroc": auroc}
 
@@ -266,11 +278,15 @@ def write_results(rows: list[dict], categories: list[str], model_dir: Path) -> p
     """train_results.csv and .md in --model_dir: one row per category, from every rank."""
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     frame = frame.sort_values("category", key=lambda c: c.map(categories.index), kind="stable")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(model_dir / "train_results.csv", index=False)
     shown = frame.drop(columns=["error"]).astype(object).fillna("")
-    (model_dir / "train_results.md").write_text(shown.to_markdown(index=False) + "\n")
     print(f"training results ({model_dir / 'train_results.csv'}):\n{shown.to_string(index=False)}")
+    try:
+        checkpoints.atomic_write(model_dir / "train_results.csv", lambda fh: frame.to_csv(fh, index=False), "w")
+        checkpoints.atomic_write(model_dir / "train_results.md", lambda fh: fh.write(shown.to_markdown(index=False)
+                                                                                     + "\n"), "w")
+    except OSError as err:
+        print(f"warning: could not write the results table into {model_dir} ({err}); the table above is its "
+              f"only copy", file=sys.stderr)
     return frame
 
 
@@ -294,6 +310,8 @@ def run(args) -> list[Path]:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         categories = dataset.resolve_categories(args.data_dir, args.type)
+        checkpoints.writable_folder(args.model_dir, "--model_dir")
+        checkpoints.writable_folder(args.log_dir, "--log_dir")
         rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""
         print(f"{rank}training {', '.join(distributed.shard(categories, world)) or 'nothing'} on "
               f"{describe(device, args.amp, args.channels_last)} (variant {args.variant}, {args.epochs} steps)")

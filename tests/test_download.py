@@ -3,8 +3,10 @@
 No test here touches the internet: the server is started by the test on the loopback interface,
 serves an archive the test builds, and stops itself (at teardown, or after SERVER_LIFETIME_S).
 """
+import errno
 import hashlib
 import io
+import re
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +15,7 @@ import pytest
 
 import dataset
 from support import download
-from support.errors import CutPasteError
+from support.errors import CutPasteError, run_main
 
 SERVER_LIFETIME_S = 60.0
 FILES = {
@@ -183,3 +185,45 @@ def test_links_devices_and_escapes_are_refused(tmp_path, name, kind, message):
         download.safe_extract(archive, dest)
     assert list(dest.iterdir()) == []
     assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("url,message", [
+    ("example.com/mvtec.tar.xz", "is not an http(s) address"),
+    ("ftp://example.com/mvtec.tar.xz", "is not an http(s) address"),
+    ("https://example.com/data/..", "ends in '..', not an archive's file name"),
+])
+def test_addresses_that_name_no_archive_are_refused_before_anything_is_written(tmp_path, url, message):
+    with pytest.raises(CutPasteError, match=re.escape(message)):
+        download.download_mvtec(tmp_path / "data", url, "0" * 64)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_file_as_the_target_folder_is_refused(tmp_path):
+    target = tmp_path / "Data"
+    target.write_text("a file")
+    with pytest.raises(CutPasteError, match=r"--download .*Data is a file; give a folder"):
+        dataset.main(["--download", str(target), "--url", "http://127.0.0.1:9/mini.tar.xz"])
+    assert target.read_text() == "a file"
+
+
+def test_a_full_disk_while_extracting_keeps_the_archive_and_says_so(tmp_path, monkeypatch):
+    archive = tmp_path / "a.tar.xz"
+    archive.write_bytes(build_archive())
+    dest = tmp_path / "data"
+    dest.mkdir()
+
+    def no_space(self, member, path="", **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tarfile.TarFile, "extract", no_space)
+    with pytest.raises(CutPasteError, match=r"No space left on device\); the archive is kept: free space") as err:
+        download.safe_extract(archive, dest)
+    assert "download it again" not in str(err.value)
+    assert archive.is_file() and list(dest.iterdir()) == []
+
+
+def test_every_error_is_printed_on_one_line(capsys):
+    def main():
+        raise CutPasteError("first line\n  second line")
+    with pytest.raises(SystemExit) as stopped:
+        run_main(main)
+    assert stopped.value.code == 2 and capsys.readouterr().err == "error: first line second line\n"
