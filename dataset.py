@@ -69,9 +69,9 @@ def layout_of(folder: Path) -> str | None:
     folder = Path(folder)
     if (folder / "Data" / "Images").is_dir() and (folder.resolve().parent / VISA_TABLE).is_file():
         return "visa"
-    if (folder / "train" / GOOD).is_dir():
-        if (folder / "test_public").is_dir():
-            return "mvtec2"
+    if (folder / "test_public").is_dir():
+        return "mvtec2"
+    if (folder / "train" / GOOD).is_dir() or (folder / "test").is_dir():  # test/ alone: a stored density scores it
         return "loco" if any((folder / "test" / t).is_dir() for t in LOCO_TYPES) else "mvtec"
     return "folder" if (folder / GOOD).is_dir() else None
 
@@ -118,8 +118,9 @@ def locate(root: Path, category: str, layout: str = "auto") -> tuple[Path, str]:
                             f"{', '.join(present) or 'none'}); check --type and --data_dir")
     found = layout_of(folder)
     if found is None and layout == "auto":
-        raise CutPasteError(f"{folder} holds no train/good/ (MVTec AD, AD 2, LOCO), good/ (a plain folder) or "
-                            f"Data/Images/ beside ../{VISA_TABLE} (VisA); put its clean images in {folder / GOOD}")
+        raise CutPasteError(f"{folder} holds no train/good/ or test/ (MVTec AD, LOCO), test_public/ (AD 2), good/ "
+                            f"(a plain folder) or Data/Images/ beside ../{VISA_TABLE} (VisA); put its clean images "
+                            f"in {folder / GOOD}")
     return folder, found if layout == "auto" else layout
 
 
@@ -129,8 +130,8 @@ def resolve_categories(root: Path, types: str, layout: str = "auto") -> list[str
         cats = present_categories(root)
         if not cats:
             locate(root, MVTEC_CATEGORIES[0], layout)  # raises the missing-root or wrong-level error if either
-            raise CutPasteError(f"found no category folder in {root} (one with train/good/ or good/); check "
-                                f"--data_dir")
+            raise CutPasteError(f"found no category folder in {root} (one with train/good/, test/ or good/); "
+                                f"check --data_dir")
     else:
         cats = list(dict.fromkeys(c.strip() for c in types.split(",") if c.strip()))  # each once, in order
         if not cats:
