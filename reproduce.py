@@ -12,7 +12,7 @@ from pathlib import Path
 
 from support import demo_data
 from support.errors import CutPasteError, run_main
-from support.options import CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS, VARIANTS
+from support.options import CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS, VARIANTS, add_layout_flag
 
 # Table 1's single-model columns, as --variant values.
 PAPER_VARIANTS = ("normal", "scar", "3way")
@@ -33,9 +33,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", type=str, choices=tuple(PRESETS), default="paper",
                    help="defaults for the options left unset: paper (MVTec AD in Data/, 256 px, 10000 steps) or "
                         "demo (the synthetic category, written to demo_data/ when missing; 64 px, 300 steps)")
-    p.add_argument("--data_dir", type=Path, default=None, help="MVTec AD root folder; None takes it from --preset")
+    p.add_argument("--data_dir", type=Path, default=None,
+                   help="data root (or one category's folder); None takes it from --preset")
     p.add_argument("--type", type=str, default=None,
                    help="comma-separated categories or 'all'; None takes it from --preset")
+    add_layout_flag(p)
     p.add_argument("--variants", type=str, default=",".join(PAPER_VARIANTS),
                    help="comma-separated CutPaste variants (Table 1: normal, scar, 3way)")
     p.add_argument("--seeds", type=str, default="0", help="comma-separated seeds, one run per seed and variant")

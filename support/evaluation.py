@@ -82,9 +82,10 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     model = load_model(args, ckpt, path, device)
     size, patch_size = ckpt["size"], ckpt.get("patch_size", 0)
     mode = resolve_mode(args.localization, patch_size, path)
-    test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers)
+    test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers, args.layout)
     needs_train = mode == "dense" or (not patch_size and args.density != CHECKPOINT_DENSITY)
-    train_u8 = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if needs_train else None
+    train_u8 = (dataset.MVTecTrain(args.data_dir, category, size, args.workers, args.layout).images
+                if needs_train else None)
     density = test_emb = None
     if not patch_size:
         density, _ = image_density(args, ckpt, path, model, train_u8, device)
@@ -137,8 +138,8 @@ def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, devic
     model = load_model(args, ckpt, path, device)
     size, refit = ckpt["size"], args.density != CHECKPOINT_DENSITY
     if size not in data or (refit and data[size][0] is None):
-        train = dataset.MVTecTrain(args.data_dir, category, size, args.workers).images if refit else None
-        data[size] = (train, dataset.MVTecTest(args.data_dir, category, size, args.workers))
+        train = dataset.MVTecTrain(args.data_dir, category, size, args.workers, args.layout).images if refit else None
+        data[size] = (train, dataset.MVTecTest(args.data_dir, category, size, args.workers, args.layout))
     train_u8, test_set = data[size]
     density, train_scores = image_density(args, ckpt, path, model, train_u8, device)
     test_emb = embed_images(model, test_set.images, device, args.amp, args.channels_last)
@@ -315,14 +316,16 @@ def run(args) -> pd.DataFrame:
     device = resolve_device(args.device, args.cuda)
     choose(args, device)
     print(f"evaluating {args.model_dir} on {describe(device, args.amp, args.channels_last)}")
-    wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type)
-    if args.ensemble:  # one ensemble of every checkpoint per category in --model_dir
-        groups = checkpoints.by_category(args.model_dir, wanted)
-        out = results_folder(args, ensemble=True)
-        rows = [evaluate_ensemble(args, category, members, device) for category, members in groups.items()]
+    wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type, args.layout)
+    # --ensemble: one ensemble of every checkpoint per category in --model_dir
+    chosen = (checkpoints.by_category if args.ensemble else checkpoints.newest)(args.model_dir, wanted)
+    print(dataset.describe(args.data_dir, list(chosen), args.layout))
+    out = results_folder(args, ensemble=args.ensemble)
+    if args.ensemble:
+        rows = [evaluate_ensemble(args, category, members, device) for category, members in chosen.items()]
     else:
-        rows, out = [], results_folder(args)
-        for category, (path, ckpt) in checkpoints.newest(args.model_dir, wanted).items():
+        rows = []
+        for category, (path, ckpt) in chosen.items():
             if args.head_layer is not None and args.head_layer != ckpt["model"]["head_layer"]:
                 print(f"note: --head_layer {args.head_layer} ignored; {path.name} was trained with "
                       f"--head_layer {ckpt['model']['head_layer']}")

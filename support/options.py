@@ -37,6 +37,8 @@ PREDICT_BATCH = 64
 # between 90 and 100 stay readable; the training curves are moving averages of this many logged points.
 FIGURES_Y_MIN = 40.0
 FIGURES_WINDOW = 10
+# --layout: the folder layouts dataset.py reads; auto detects them.
+LAYOUTS = ("auto", "mvtec", "mvtec2", "loco", "visa", "folder")
 
 
 DOC = Path(__file__).resolve().parents[1] / "doc"
@@ -51,12 +53,20 @@ def _parser(description: str | None = None, parents=()) -> argparse.ArgumentPars
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def add_layout_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", type=str, choices=LAYOUTS, default="auto",
+                   help="how --data_dir is laid out: MVTec AD (mvtec), MVTec AD 2 (mvtec2), MVTec LOCO AD (loco), "
+                        "VisA (visa), a plain folder of good/ and defect folders (folder), or auto: detected")
+
+
 def data_flags() -> argparse.ArgumentParser:
     p = _parser()
-    p.add_argument("--data_dir", type=Path, default=Path("Data"), help="MVTec AD root folder")
+    p.add_argument("--data_dir", type=Path, default=Path("Data"),
+                   help="data root holding one folder per category, or one category's folder")
     p.add_argument("--type", type=str, default="all",
                    help="comma-separated categories, or 'all': every category in --data_dir (training) or with a "
                         "checkpoint (evaluation)")
+    add_layout_flag(p)
     return p
 
 

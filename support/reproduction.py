@@ -15,7 +15,7 @@ from support.runtime import choose, resolve_device
 # What identifies one result: a row with the same values is finished.
 KEY = ("category", "variant", "seed", "backbone", "pretrained", "steps", "size")
 # Training options that may differ between runs sharing a folder (where and how, not what is learned).
-RUNTIME_OPTIONS = ("data_dir", "type", "model_dir", "log_dir", "device", "cuda", "workers", "amp",
+RUNTIME_OPTIONS = ("data_dir", "type", "layout", "model_dir", "log_dir", "device", "cuda", "workers", "amp",
                    "channels_last", "compile", "cuda_graph", "keep_freed_memory", "log_every", "test_epochs")
 
 def run_name(args, variant: str, seed: int) -> str:
@@ -26,7 +26,7 @@ def run_name(args, variant: str, seed: int) -> str:
 def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str]:
     """run_training.py's command line for one run."""
     name = run_name(args, variant, seed)
-    return ["--data_dir", str(args.data_dir), "--type", ",".join(categories),
+    return ["--data_dir", str(args.data_dir), "--type", ",".join(categories), "--layout", args.layout,
             "--model_dir", str(args.out_dir / "models" / name), "--log_dir", str(args.out_dir / "logdirs" / name),
             "--variant", variant, "--seed", str(seed), "--arch", args.arch,
             "--pretrained" if args.pretrained else "--no-pretrained", "--epochs", str(args.epochs),
@@ -96,7 +96,8 @@ def grid_columns(args, category: str, variant: str, seed: str) -> dict:
 def eval_namespace(args, run_dir: Path) -> argparse.Namespace:
     """eval.py's options for scoring the checkpoints of one run folder, as its own parser makes them."""
     ns = options.eval_parser().parse_args(
-        ["--data_dir", str(args.data_dir), "--model_dir", str(run_dir), "--out_dir", str(args.out_dir / "eval"),
+        ["--data_dir", str(args.data_dir), "--layout", args.layout, "--model_dir", str(run_dir),
+         "--out_dir", str(args.out_dir / "eval"),
          "--density", args.density, "--save_plots", str(args.save_plots), "--workers", str(args.workers),
          "--device", args.device, *shlex.split(args.eval_args)])
     choose(ns, resolve_device(ns.device, ns.cuda))
@@ -145,7 +146,8 @@ def run(args) -> pd.DataFrame:
     if args.preset == "demo" and args.type == demo_data.DEMO_CATEGORY and not (args.data_dir / args.type).is_dir():
         print(f"writing the synthetic category {args.type!r} to {args.data_dir}")
         demo_data.make_dataset(args.data_dir, args.type, size=args.size)
-    categories = dataset.resolve_categories(args.data_dir, args.type)
+    categories = dataset.resolve_categories(args.data_dir, args.type, args.layout)
+    print(dataset.describe(args.data_dir, categories, args.layout))
     if args.ensemble and len(args.seed_list) < 2:
         raise CutPasteError(f"--ensemble needs at least two --seeds (got {args.seeds}), e.g. --seeds 0,1,2,3,4")
     device = resolve_device(args.device)

@@ -228,8 +228,9 @@ def run_steps(run: Run, start: int, train_u8: torch.Tensor, test_set, stop) -> t
 
 def train_category(args, category: str, device: torch.device, stop: runstate.StopRequest | None = None,
                    world: distributed.World = distributed.World()) -> dict:
-    train_u8 = dataset.MVTecTrain(args.data_dir, category, args.size, args.workers).images.to(device)
-    test_set = dataset.MVTecTest(args.data_dir, category, args.size, args.workers) if args.test_epochs > 0 else None
+    train_u8 = dataset.MVTecTrain(args.data_dir, category, args.size, args.workers, args.layout).images.to(device)
+    test_set = (dataset.MVTecTest(args.data_dir, category, args.size, args.workers, args.layout)
+                if args.test_epochs > 0 else None)
     torch.manual_seed(args.seed)  # weights; the augmentation draws from its own generator
     model = prepare_model(args, device)
     opt, sched = make_optimizer(model, args, args.epochs)
@@ -309,7 +310,8 @@ def run(args) -> list[Path]:
         choose(args, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        categories = dataset.resolve_categories(args.data_dir, args.type)
+        categories = dataset.resolve_categories(args.data_dir, args.type, args.layout)
+        print(dataset.describe(args.data_dir, categories, args.layout))
         checkpoints.writable_folder(args.model_dir, "--model_dir")
         checkpoints.writable_folder(args.log_dir, "--log_dir")
         rank = f"rank {world.rank} of {world.world_size}: " if world.world_size > 1 else ""

@@ -71,14 +71,26 @@ def test_truncated_image_names_the_file(tmp_path, mvtec_root):
 
 def test_missing_and_wrong_size_masks_warn(tmp_path, mvtec_root):
     shutil.copytree(mvtec_root / "lid", tmp_path / "lid")
-    (tmp_path / "lid" / "ground_truth" / "hole" / "000_mask.png").unlink()
-    Image.new("L", (10, 10)).save(tmp_path / "lid" / "ground_truth" / "stain" / "000_mask.png")
+    gt = tmp_path / "lid" / "ground_truth"
+    (gt / "hole" / "000_mask.png").unlink()
+    Image.new("L", (16, 16), 255).save(gt / "stain" / "000_mask.png")  # half the size: resized
+    ramp = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1)))  # not binary: cut at half its max
+    ramp.save(gt / "scratch" / "000_mask.png")
+    ramp.save(gt / "scratch" / "001_mask.png")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         test = dataset.MVTecTest(tmp_path, "lid", size=32)
-    text = " ".join(str(w.message) for w in caught)
-    assert "hole/000_mask.png" in text and "stain/000_mask.png" in text
-    assert int((~test.has_mask).sum()) == 2
+    text = [str(w.message) for w in caught]
+    assert any("ground_truth/hole" in t and "000.png" in t for t in text)
+    assert [t for t in text if "resized" in t] == [f"1 masks of another size than their image (resized), e.g. "
+                                                   f"{gt / 'stain' / '000_mask.png'}"]
+    assert len([t for t in text if "not binary" in t and t.startswith("2 masks")]) == 1, "once for both masks"
+    assert int((~test.has_mask).sum()) == 1
+    assert bool(test.masks[test.defects.index("stain")].all()), "the resized mask covers the image"
+    assert int(test.masks[test.defects.index("scratch")].sum()) == 32 * 16, "values above 248 / 2"
+    Image.new("L", (10, 20)).save(gt / "stain" / "000_mask.png")
+    with pytest.raises(CutPasteError, match="stain/000_mask.png.*aspect ratio"):
+        dataset.MVTecTest(tmp_path, "lid", size=32)
 
 
 def test_each_category_once_and_none_is_an_error(mvtec_root):
