@@ -242,6 +242,8 @@ def open_export(path: Path):
     path = Path(path)
     opener = {".onnx": _open_onnx, ".xml": _open_openvino}.get(path.suffix, _open_torchscript)
     fix = f"export it again: python export.py --checkpoint <its .tch> --out {path.name}"
+    if not path.is_file():
+        raise CutPasteError(f"exported model {path} does not exist; {fix}")
     try:
         run, text, graph_size = opener(path)
     except Exception as err:
