@@ -161,6 +161,13 @@ class PatchGaussians:
     def __init__(self, kind: str = "torch", local: bool = False):
         self.kind, self.local = kind, local
 
+    @classmethod
+    def shared(cls, gaussian: GaussianDensityTorch) -> "PatchGaussians":
+        """One stored Gaussian for every position, e.g. a patch-level checkpoint's."""
+        out = cls(gaussian.name)
+        out.parts = [gaussian]
+        return out
+
     def fit(self, embeds: torch.Tensor, cells: torch.Tensor) -> "PatchGaussians":
         """embeds (N, D) normalised; cells (N,) location cell of each patch."""
         groups = cells if self.local else torch.zeros_like(cells)

@@ -1,10 +1,11 @@
-"""Score new images with a trained CutPaste checkpoint: anomaly score, decision, CSV, overlays.
+"""Score new images with a trained CutPaste checkpoint or its export: anomaly score, decision, CSV, overlays.
 
     python predict.py --checkpoint models/model-bottle-<date>.tch photos/ more/*.png
     python predict.py --checkpoint models --category bottle Data/bottle/test --truth_from_folders
 
 An image is "anomalous" when its score exceeds --threshold or, by default, the --quantile of the
-clean training images' held-out scores. From Python: support.detector.Detector.
+clean training images' held-out scores (map maxima, for a patch-level model). Overlays go to
+<overlay_dir>/<input path>.overlay.png. From Python: support.detector.Detector.
 """
 import argparse
 from pathlib import Path
@@ -18,7 +19,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 parents=[options.runtime_flags()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", type=str, nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a checkpoint (.tch), or a folder of them (the newest of --category is used)")
+                   help="a checkpoint (.tch), a file of export.py (.onnx, .xml, TorchScript; run on the CPU), or a "
+                        "folder of checkpoints (the newest of --category is used)")
     p.add_argument("--category", type=str, default=None,
                    help="with a folder for --checkpoint: the category whose checkpoint to use")
     p.add_argument("--threshold", type=float, default=None,

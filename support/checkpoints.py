@@ -194,9 +194,11 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
     return model
 
 
-def density_from_checkpoint(ckpt: dict, path: Path, device: torch.device) -> density_lib.GaussianDensityTorch:
-    """The image-level Gaussian fitted on the clean training embeddings at the end of training, on `device`."""
-    if ckpt.get("patch_size", 0):
+def density_from_checkpoint(ckpt: dict, path: Path, device: torch.device,
+                            patch_ok: bool = False) -> density_lib.GaussianDensityTorch:
+    """The Gaussian fitted on the clean training embeddings at the end of training, on `device`; with `patch_ok`
+    also a patch-level model's (shared) Gaussian of clean patch embeddings."""
+    if ckpt.get("patch_size", 0) and not patch_ok:
         raise CutPasteError(f"{path} is a patch-level model (--patch_size {ckpt['patch_size']}): it scores an image "
                             f"by the maximum of its anomaly map; evaluate it with eval.py --localization dense")
     state = ckpt["density"]

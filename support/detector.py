@@ -23,9 +23,10 @@ from torchvision.transforms.v2 import functional as TF
 
 import dataset
 import density as density_lib
-from support import checkpoints
+from support import checkpoints, patches
+from support import export as export_lib
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE, PREDICT_BATCH
+from support.options import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE, PREDICT_BATCH
 from support.runtime import bf16_supported, embed_images, keep_freed_memory, memory_format, resolve_device
 
 ANOMALOUS, NORMAL, UNREADABLE = "anomalous", "normal", "error"
@@ -60,23 +61,25 @@ def _tensor_to_u8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Detector:
-    """A trained model, its clean-image density and its threshold calibration. heatmap: optional callable
-    (detector, uint8 (N, 3, S, S)) -> (N, S, S) anomaly maps, for patch-level models."""
+    """A trained model's scoring and its threshold calibration. forward: uint8 (N, 3, S, S) -> (scores (N,), anomaly
+    maps (N, S, S) or None); heatmap: optional callable (detector, uint8 (N, 3, S, S)) -> (N, S, S) maps for the
+    overlays of a model without maps of its own."""
 
-    def __init__(self, model, density, size: int, device: torch.device, amp: bool, calibration_scores: torch.Tensor,
-                 calibration_source: str, category: str = "", source: str = "", heatmap=None,
-                 channels_last: bool = False):
-        self.model, self.density, self.size = model, density, size
-        self.device, self.amp = device, amp
+    def __init__(self, forward, size: int, calibration_scores: torch.Tensor, calibration_source: str,
+                 category: str = "", source: str = "", heatmap=None, localizes: bool = False, metadata=None):
+        self._forward, self.size, self.localizes = forward, size, localizes
         self.calibration_scores, self.calibration_source = calibration_scores, calibration_source
-        self.category, self.source, self._heatmap, self.channels_last = category, source, heatmap, channels_last
+        self.category, self.source, self._heatmap, self.metadata = category, source, heatmap, metadata or {}
 
     @classmethod
     def load(cls, path, device: str = "auto", amp: bool | None = None, heatmap=None,
              channels_last: bool | None = None) -> "Detector":
-        """Read a checkpoint onto `device`. amp None follows training where the device runs bf16 natively (scores
-        then match the density's training embeddings); channels_last None as runtime.choose picks it."""
+        """Read a checkpoint onto `device`, or an exported file (export.py; on the CPU, float32). amp None follows
+        training where the device runs bf16 natively (scores then match the density's training embeddings);
+        channels_last None as runtime.choose picks it. A patch-level model scores by its dense map's maximum."""
         path = Path(path)
+        if export_lib.is_export(path):
+            return cls.from_export(path, heatmap)
         ckpt = checkpoints.read_checkpoint(path)
         dev = resolve_device(device)
         if amp is None:
@@ -84,16 +87,36 @@ class Detector:
         if channels_last is None:
             channels_last = dev.type == "cuda" or amp
         model = checkpoints.model_from_checkpoint(ckpt, path).to(dev, memory_format=memory_format(channels_last)).eval()
-        held = ckpt.get("heldout_scores")
-        if held is not None and held.numel() > 0:
-            scores, source = held.float(), "held-out clean training scores"
-        else:
-            scores, source = ckpt["train_scores"].float(), "in-sample clean training scores (older checkpoint)"
-        return cls(model, checkpoints.density_from_checkpoint(ckpt, path, dev), int(ckpt["size"]), dev, amp,
-                   scores, source, ckpt["category"], str(path), heatmap, channels_last)
+        density = checkpoints.density_from_checkpoint(ckpt, path, dev, patch_ok=True)
+        size, patch = int(ckpt["size"]), int(ckpt.get("patch_size", 0))
+        stride = int(ckpt.get("score_stride", PATCH_SCORE_STRIDE))
+        forward = (_dense_forward(patches.Runner(model, dev, amp, channels_last, progress=False), density, size,
+                                  patch, stride) if patch else _image_forward(model, density, dev, amp, channels_last))
+        scores, source = export_lib.calibration(ckpt, stride)
+        det = cls(forward, size, torch.tensor(scores), source, ckpt["category"], str(path), heatmap, bool(patch))
+        det.model, det.density, det.device, det.amp, det.channels_last = model, density, dev, amp, channels_last
+        return det
+
+    @classmethod
+    def from_export(cls, path, heatmap=None) -> "Detector":
+        """An exported file (ONNX Runtime, OpenVINO or TorchScript, on the CPU); a patch model runs one image's
+        patches per call, bounding memory."""
+        run, meta = export_lib.open_export(Path(path))
+        patch = int(meta["patch_size"])
+
+        def forward(batch):
+            step = 1 if patch else len(batch)
+            outs = [run(batch[i:i + step].numpy()) for i in range(0, len(batch), step)]
+            scores = torch.from_numpy(np.concatenate([o[0] for o in outs])).float()
+            return scores, torch.from_numpy(np.concatenate([o[1] for o in outs])).float() if patch else None
+        return cls(forward, int(meta["size"]), torch.tensor(meta["calibration_scores"]), meta["calibration_source"],
+                   meta["category"], str(path), heatmap, bool(patch), meta)
 
     def threshold(self, quantile: float = DEFAULT_QUANTILE) -> float:
         """The `quantile` of the clean training images' (held-out) scores: about 1 - quantile false alarms."""
+        if self.calibration_scores.numel() == 0:
+            raise CutPasteError(f"{self.source} holds no clean scores to calibrate a threshold on "
+                                f"({self.calibration_source}); pass --threshold, or retrain it with this code")
         return density_lib.quantile_threshold(self.calibration_scores, quantile)
 
     def to_uint8(self, images) -> torch.Tensor:
@@ -106,38 +129,61 @@ class Detector:
                for im in images]
         return torch.stack(out) if out else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
 
-    def score(self, images) -> torch.Tensor:
-        """Anomaly scores (N,) float32 on the CPU for paths, PIL images or a (N, 3, H, W) tensor."""
+    def score_and_maps(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Anomaly scores (N,) float32 on the CPU and, for a patch-level model, its maps (N, size, size)."""
         batch = self.to_uint8(images)
         if batch.shape[0] == 0:
-            return torch.empty(0)
-        emb = embed_images(self.model, batch, self.device, self.amp, self.channels_last)
-        return self.density.score(density_lib.normalize(emb)).float().cpu()
+            return torch.empty(0), (torch.empty(0, self.size, self.size) if self.localizes else None)
+        scores, maps = self._forward(batch)
+        return scores.float().cpu(), None if maps is None else maps.float().cpu()
+
+    def score(self, images) -> torch.Tensor:
+        """Anomaly scores (N,) float32 on the CPU for paths, PIL images or a (N, 3, H, W) tensor."""
+        return self.score_and_maps(images)[0]
 
     def heatmaps(self, images) -> torch.Tensor | None:
-        """(N, size, size) anomaly maps where the model localizes; None for an image-level model."""
-        if self._heatmap is None:
-            return None
-        return self._heatmap(self, self.to_uint8(images)).float().cpu()
+        """(N, size, size) anomaly maps: a patch-level model's own, or the heatmap hook's; else None."""
+        if self._heatmap is not None:
+            return self._heatmap(self, self.to_uint8(images)).float().cpu()
+        return self.score_and_maps(images)[1] if self.localizes else None
 
     def predict(self, paths, threshold: float, batch_size: int = PREDICT_BATCH, workers: int = 0,
                 on_batch=None) -> list[Prediction]:
         """Score image files against `threshold`; an undecodable file gets label 'error'. on_batch(paths, uint8
-        images, scores), when given, sees each scored chunk (for overlays)."""
+        images, scores, maps or None), when given, sees each scored chunk (for overlays)."""
         results = []
         for start in range(0, len(paths), batch_size):
             chunk = [str(p) for p in paths[start:start + batch_size]]
             decoded = _decode_each(chunk, self.size, workers)
             good = [(p, img) for p, img in zip(chunk, decoded) if torch.is_tensor(img)]
             batch = torch.stack([img for _, img in good]) if good else None
-            scores = self.score(batch) if good else torch.empty(0)
+            scores, maps = self.score_and_maps(batch) if good else (torch.empty(0), None)
             by_path = {p: float(s) for (p, _), s in zip(good, scores.tolist())}
             results += [Prediction(p, by_path[p], ANOMALOUS if by_path[p] > threshold else NORMAL)
                         if torch.is_tensor(img) else Prediction(p, float("nan"), UNREADABLE, img)
                         for p, img in zip(chunk, decoded)]
             if on_batch is not None and good:
-                on_batch([p for p, _ in good], batch, scores)
+                on_batch([p for p, _ in good], batch, scores, maps)
         return results
+
+
+def _image_forward(model, density, device: torch.device, amp: bool, channels_last: bool):
+    """Section 3.3: the Mahalanobis distance of each image's embedding."""
+    def forward(batch):
+        emb = embed_images(model, batch, device, amp, channels_last)
+        return density.score(density_lib.normalize(emb)), None
+    return forward
+
+
+def _dense_forward(runner: patches.Runner, density, size: int, patch: int, stride: int):
+    """Section 4.2: dense maps from the shared Gaussian of clean patches; the image score is the map's maximum."""
+    shared = density_lib.PatchGaussians.shared(density)
+
+    def forward(batch):
+        maps = patches.upsample_scores(patches.score_grids(runner, shared, batch, patch, stride), size, size, patch,
+                                       stride)
+        return maps.amax(dim=(1, 2)), maps
+    return forward
 
 
 def _decode_each(paths: list[str], size: int, workers: int) -> list:
@@ -193,17 +239,31 @@ def overlay_image(image_u8: torch.Tensor, label: str, score: float, threshold: f
     return img
 
 
-def overlay_writer(detector: Detector, out_dir: Path, root: Path, threshold: float):
-    """on_batch callback of Detector.predict that writes <out_dir>/<path below root, '/' -> '__'>.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+OVERLAY_SUFFIX = ".overlay.png"
 
-    def write(paths, images, scores):
-        maps = detector.heatmaps(images)
+
+def overlay_paths(paths: list[Path], out_dir: Path) -> dict[str, Path]:
+    """Each input's overlay: the input tree mirrored under out_dir, <name>.<ext>.overlay.png, unique per input.
+    Refused (before any scoring) where an overlay would land on an input, e.g. a rerun into the input folder."""
+    resolved = [Path(p).resolve() for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    targets = {str(p): Path(out_dir) / (os.path.relpath(r, root) + OVERLAY_SUFFIX) for p, r in zip(paths, resolved)}
+    inputs = set(resolved)
+    clash = next((t for t in targets.values() if t.resolve() in inputs), None)
+    if clash is not None:
+        raise CutPasteError(f"--overlay_dir {out_dir} would write {clash}, which is one of the inputs; choose an "
+                            f"--overlay_dir outside the inputs (or move the earlier overlays away)")
+    return targets
+
+
+def overlay_writer(detector: Detector, targets: dict[str, Path], threshold: float):
+    """on_batch callback of Detector.predict that writes each image's overlay to targets[path]."""
+    def write(paths, images, scores, maps):
+        maps = maps if maps is not None else detector.heatmaps(images)
         for i, (path, score) in enumerate(zip(paths, scores.tolist())):
-            rel = os.path.relpath(Path(path).resolve(), root)
-            name = Path(rel).with_suffix(".png").as_posix().replace("/", "__")
             label = ANOMALOUS if score > threshold else NORMAL
-            overlay_image(images[i], label, score, threshold, None if maps is None else maps[i]).save(out_dir / name)
+            targets[path].parent.mkdir(parents=True, exist_ok=True)
+            overlay_image(images[i], label, score, threshold, None if maps is None else maps[i]).save(targets[path])
     return write
 
 
@@ -247,6 +307,7 @@ def run(args) -> list[Prediction]:
     if args.batch_size < 1 or args.workers < 0 or not 0.0 <= args.quantile <= 1.0:
         raise CutPasteError("--batch_size must be positive, --workers 0 or more, --quantile in [0, 1]")
     paths = expand_inputs(args.inputs)
+    targets = overlay_paths(paths, args.overlay_dir) if args.overlay_dir else None
     device = resolve_device(args.device, args.cuda)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
@@ -255,8 +316,7 @@ def run(args) -> list[Prediction]:
     given = args.threshold is not None
     threshold = args.threshold if given else detector.threshold(args.quantile)
     source = "--threshold" if given else f"{args.quantile} quantile of the {detector.calibration_source}"
-    root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
-    writer = overlay_writer(detector, args.overlay_dir, root, threshold) if args.overlay_dir else None
+    writer = overlay_writer(detector, targets, threshold) if targets else None
     results = detector.predict(paths, threshold, args.batch_size, args.workers, on_batch=writer)
     for r in results:
         if r.label == UNREADABLE:

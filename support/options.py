@@ -24,6 +24,9 @@ MIN_PATCH_SIZE = 32
 # Location cells of the patch Gaussians (13 x 13 for 64 px patches of 256 px images).
 CELL_STRIDE = 16
 PATCH_BATCH = 512
+# Stride of the dense scoring of a patch-level model in predict.py and its exports; training scores its held-out
+# clean images at this stride for the threshold: 4x fewer patches than the paper's 4, as coarse as a patch allows.
+PATCH_SCORE_STRIDE = 8
 LOCALIZATION_MODES = ("auto", "none", "dense", "gradcam")
 PATCH_DENSITIES = ("auto", "shared", "local")
 GRADCAM_TARGETS = ("density", "logit")
@@ -33,6 +36,7 @@ DENSITY_ESTIMATORS = ("torch", "sklearn")
 # The threshold of predict.py: this quantile of the held-out clean training scores (about 1 % false alarms).
 DEFAULT_QUANTILE = 0.99
 PREDICT_BATCH = 64
+EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
 # figures.py: the earlier reimplementation's bar charts start the AUROC axis at 40 %, so that differences
 # between 90 and 100 stay readable; the training curves are moving averages of this many logged points.
 FIGURES_Y_MIN = 40.0
@@ -193,3 +197,17 @@ def eval_flags() -> argparse.ArgumentParser:
 def eval_parser(description: str = "Evaluate CutPaste checkpoints on the test sets.") -> argparse.ArgumentParser:
     """eval.py's flags (reproduce.py evaluates its runs with the same parser)."""
     return _parser(description, [data_flags(), eval_flags(), localization_flags(), runtime_flags()])
+
+
+def export_flags() -> argparse.ArgumentParser:
+    """export.py's flags: which checkpoint, in which format, to which file."""
+    p = _parser()
+    p.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint (.tch) to export")
+    p.add_argument("--format", type=str, choices=EXPORT_FORMATS, default="onnx",
+                   help="onnx (ONNX Runtime), openvino (IR: the .xml and its .bin beside it) or torchscript")
+    p.add_argument("--out", type=Path, required=True,
+                   help="file written: *.onnx, *.xml (OpenVINO; its .bin beside it) or *.pt (TorchScript)")
+    p.add_argument("--stride", type=int, default=None,
+                   help=f"patch-level models: stride of the dense scoring inside the graph; default (None): the "
+                        f"stride its threshold was calibrated at ({PATCH_SCORE_STRIDE} for models of this code)")
+    return p

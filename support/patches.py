@@ -163,3 +163,26 @@ def dense_maps(runner: Runner, train_u8: torch.Tensor, test_u8: torch.Tensor, pa
     density, _ = fit_patch_density(runner, train_u8, patch, kind, local, cell_stride)
     grids = score_grids(runner, density, test_u8, patch, stride, cell_stride)
     return upsample_scores(grids, test_u8.shape[2], test_u8.shape[3], patch, stride)
+
+
+def heldout_map_maxima(runner: Runner, train_u8: torch.Tensor, patch: int, stride: int,
+                       folds: int = density_lib.HELDOUT_FOLDS, cell_stride: int = CELL_STRIDE) -> torch.Tensor:
+    """(N,) each clean image's dense-map maximum at `stride` under a shared patch Gaussian fitted without its fold
+    (empty if N < 3): predict.py's threshold for a patch-level model, as heldout_scores is for an image-level one."""
+    n, _, h, w = train_u8.shape
+    folds = min(folds, n)
+    if n < 3 or folds < 2:
+        return torch.empty(0)
+    img, top, left, _ = cell_crops(n, h, w, patch, cell_stride)
+    fit = runner.over_crops(train_u8, (img, top, left), patch, lambda e, _: density_lib.normalize(e).cpu(),
+                            desc="embed training patches")
+    grid = runner.over_crops(train_u8, grid_crops(n, h, w, patch, stride), patch,
+                             lambda e, _: density_lib.normalize(e).cpu(), desc="score held-out patches")
+    rows, cols = len(patch_positions(h, patch, stride)), len(patch_positions(w, patch, stride))
+    grid, fold, out = grid.view(n, rows * cols, -1), torch.arange(n) % folds, torch.empty(n)
+    for f in range(folds):
+        held = fold == f
+        gaussian = density_lib.make_density("torch").fit(fit[~held[img]])
+        scores = gaussian.score(grid[held].flatten(0, 1)).view(-1, rows, cols)
+        out[held] = upsample_scores(scores, h, w, patch, stride).amax(dim=(1, 2))
+    return out

@@ -18,7 +18,7 @@ from cutpaste import VARIANT_CLASSES, make_batch
 from model import backbone_names
 from support import checkpoints, cudagraphs, distributed, metrics, patches, records, runstate
 from support.errors import CutPasteError
-from support.options import MIN_PATCH_SIZE
+from support.options import MIN_PATCH_SIZE, PATCH_SCORE_STRIDE
 from support.runtime import choose, describe, embed_images, make_generator, memory_format, resolve_device
 
 # Section 4.1: SGD with momentum 0.9, weight decay 3e-5 (the paper's lr, 0.03, is --lr's default).
@@ -164,6 +164,8 @@ def finish_category(run: Run, train_u8: torch.Tensor) -> Path:
     if args.patch_size:  # the Gaussian of a patch-level model is fitted on patches of the clean images
         runner = patches.Runner(model, device, args.amp, args.channels_last)
         density, train_scores = patches.fit_patch_density(runner, train_u8, args.patch_size)
+        extra["heldout_scores"] = patches.heldout_map_maxima(runner, train_u8, args.patch_size, PATCH_SCORE_STRIDE)
+        extra["score_stride"] = PATCH_SCORE_STRIDE  # predict.py scores at the stride its threshold comes from
     else:
         train_emb = embed_images(model, train_u8, device, args.amp, args.channels_last)
         density, train_scores = density_lib.fit_and_score(train_emb, train_emb)

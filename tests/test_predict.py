@@ -102,8 +102,8 @@ def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_che
     assert "zz_truncated.png" in printed.err and "accuracy: " in printed.out
     report = detector.truth_report(results)
     assert report["images"] == n_test and report["true_negatives"] + report["false_positives"] == 4
-    overlays = sorted(p.name for p in (tmp_path / "overlays").iterdir())
-    assert len(overlays) == n_test and "good__000.png" in overlays and "hole__000.png" in overlays
+    overlays = sorted(p.relative_to(tmp_path / "overlays").as_posix() for p in (tmp_path / "overlays").rglob("*.*"))
+    assert len(overlays) == n_test and "good/000.png.overlay.png" in overlays and "hole/000.png.overlay.png" in overlays
 
 
 def test_explicit_threshold_and_heatmap_hook(tmp_path, lid_checkpoint, mvtec_root):
@@ -143,3 +143,56 @@ def test_bad_inputs_and_checkpoints(tmp_path, lid_checkpoint, mvtec_root):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: none of the 1 images could be read")
     assert "newer.tch" in res.stderr
+
+
+def test_overlays_never_overwrite_inputs_and_never_collide(tmp_path, lid_checkpoint, mvtec_root):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    source = mvtec_root / "lid" / "test"
+    for name, src in (("a.png", "good/000.png"), ("a.jpg", "good/001.png"), ("sub/b.png", "hole/000.png"),
+                      ("sub__b.png", "good/002.png")):
+        Image.open(source / src).save(photos / name)
+    before = {p: p.read_bytes() for p in photos.rglob("*.*")}
+    args = [str(photos), "--checkpoint", str(lid_checkpoint), "--overlay_dir", str(photos), "--device", "cpu"]
+    predict.main(args + ["--out", str(tmp_path / "first.csv")])
+    assert all(p.read_bytes() == data for p, data in before.items()), "inputs untouched"
+    written = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.overlay.png"))
+    assert written == ["a.jpg.overlay.png", "a.png.overlay.png", "sub/b.png.overlay.png", "sub__b.png.overlay.png"]
+    # A rerun reads those overlays as inputs, and a.png's overlay would land on one: refused before any scoring.
+    with pytest.raises(CutPasteError, match=r"photos/a\.(png|jpg)\.overlay\.png, which is one of the inputs"):
+        predict.main(args + ["--out", str(tmp_path / "second.csv")])
+    assert not (tmp_path / "second.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def patch_checkpoint(tmp_path_factory, mvtec_root) -> Path:
+    out = tmp_path_factory.mktemp("predict_patch_model")
+    (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(out / "models"),
+                                 "--log_dir", str(out / "logdirs"), "--size", "48", "--patch_size", "32", "--epochs",
+                                 "4", "--batch_size", "4", "--no-pretrained", "--variant", "normal", "--workers", "0"])
+    return path
+
+
+def test_patch_model_scores_by_its_map_and_calibrates_on_held_out_maxima(tmp_path, patch_checkpoint, mvtec_root):
+    ckpt = torch.load(patch_checkpoint, weights_only=True)
+    assert ckpt["heldout_scores"].shape == (16,) and ckpt["score_stride"] == detector.PATCH_SCORE_STRIDE
+    det = Detector.load(patch_checkpoint, device="cpu")
+    assert det.calibration_source == "held-out clean training map maxima"
+    assert det.threshold(1.0) == pytest.approx(float(ckpt["heldout_scores"].max()))
+    paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")]
+    scores, maps = det.score_and_maps(paths)
+    assert maps.shape == (len(paths), 48, 48) and torch.equal(scores, maps.amax(dim=(1, 2)))
+    assert torch.equal(det.heatmaps(paths), maps)
+    predict.main([str(mvtec_root / "lid" / "test"), "--checkpoint", str(patch_checkpoint), "--out",
+                  str(tmp_path / "p.csv"), "--overlay_dir", str(tmp_path / "ov"), "--device", "cpu"])
+    overlay = Image.open(tmp_path / "ov" / "good" / "000.png.overlay.png")
+    plain = detector.overlay_image(dataset.load_image(paths[0], 48), "normal", 0.0, 1.0)
+    assert overlay.size == (48, 48) and overlay.tobytes() != plain.tobytes(), "the heatmap is drawn"
+    del ckpt["heldout_scores"]
+    older = tmp_path / "older.tch"
+    torch.save(ckpt, older)
+    with pytest.raises(CutPasteError, match="older.tch holds no clean scores.*pass --threshold"):
+        predict.main([str(paths[0]), "--checkpoint", str(older), "--out", str(tmp_path / "o.csv")])
+    (result,) = predict.main([str(paths[0]), "--checkpoint", str(older), "--threshold", "1e9", "--out",
+                              str(tmp_path / "o.csv"), "--device", "cpu"])
+    assert result.label == "normal" and result.score == pytest.approx(float(scores[0]), rel=1e-5)

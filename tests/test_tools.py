@@ -7,6 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import bench_export  # noqa: E402
 import bench_localization  # noqa: E402
 import benchmark  # noqa: E402
 import eval as eval_script  # noqa: E402
@@ -42,6 +43,18 @@ def test_benchmark_writes_its_table(tmp_path, mvtec_root, monkeypatch):
     assert "Machine: " in text and "CPU capability" in text and "torch " in text
     for key in rows:
         assert f"| {key} |" in text, key
+
+
+def test_bench_export_times_every_runtime_on_the_same_images(tmp_path):
+    out = tmp_path / "export.md"
+    rows = bench_export.main(["--size", "64", "--patch_size", "32", "--strides", "16", "--batch", "2", "--iters", "1",
+                              "--warmup", "0", "--out", str(out)])
+    runtimes = ["PyTorch (eager)", "ONNX Runtime", "OpenVINO", "TorchScript"]
+    assert [(r["measurement"], r["runtime"]) for r in rows] == [(m, rt) for m in ("image", "dense stride 16")
+                                                                 for rt in runtimes]
+    assert all(r["batch 1: ms"] > 0 and r["max relative difference to eager"] < 1e-4 for r in rows)
+    text = out.read_text()
+    assert "Machine: " in text and "avx2 " in text and "avx512_bf16 " in text and "| dense stride 16 | OpenVINO |" in text
 
 
 def test_bench_localization_runs_with_one_progress_bar(capsys):
