@@ -5,12 +5,15 @@
 
 Each (variant, seed) run trains as run_training.py into <out_dir>/models/<run>/ and is scored as eval.py; every
 result is one row of <out_dir>/results.csv. Checkpoints and rows already there are not redone, so an interrupted
-grid resumes where it stopped. figures.py turns the CSV into the README's figures and table.
+grid resumes where it stopped. --figures_dir draws the README's figures and table from the CSV; --figures_from
+draws them from an existing CSV without running anything:
+
+    python reproduce.py --figures_from runs/demo/results.csv --figures_dir doc/demo
 """
 import argparse
 from pathlib import Path
 
-from support import demo_data
+from support import demo_data, options
 from support.errors import CutPasteError, run_main
 from support.options import CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS, VARIANTS, add_layout_flag
 
@@ -56,7 +59,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=False,
                    help="also score each category and variant with all --seeds together (eval.py --ensemble)")
     p.add_argument("--figures_dir", type=Path, default=None,
-                   help="when given, copy the CSV there and draw the figures and table into it with figures.py")
+                   help="when given, copy the CSV there and draw the bar charts, the table and the training curves")
+    p.add_argument("--figures_from", type=Path, default=None,
+                   help="only draw the figures of this results.csv into --figures_dir (default: the CSV's folder)")
+    p.add_argument("--paper", type=Path, default=options.PAPER_TABLE1, help="Li et al.'s Table 1 as CSV")
+    p.add_argument("--ymin", type=float, default=options.FIGURES_Y_MIN,
+                   help="bar charts' AUROC axis starts here (%%), as the earlier reimplementation's did")
+    p.add_argument("--window", type=int, default=options.FIGURES_WINDOW,
+                   help="logged points in the training curves' moving average")
+    p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw training curves from the tensorboard logs named in the CSV's logdir column")
     p.add_argument("--density", type=str, choices=(CHECKPOINT_DENSITY, *DENSITY_ESTIMATORS),
                    default=CHECKPOINT_DENSITY, help="Gaussian density for evaluation, as eval.py --density")
     p.add_argument("--save_plots", type=int, choices=(0, 1), default=0,
@@ -90,7 +102,13 @@ def resolve_args(args) -> argparse.Namespace:
 
 
 def main(argv=None):
-    args = resolve_args(get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    if args.figures_from is not None:
+        from support import figures  # pandas, seaborn and tensorboard load after parsing
+        return figures.draw(argparse.Namespace(csv=args.figures_from, out_dir=args.figures_dir or
+                                               args.figures_from.parent, paper=args.paper, ymin=args.ymin,
+                                               window=args.window, curves=args.curves))
+    args = resolve_args(args)
     from support import reproduction  # torch and friends load after parsing, so that --help answers at once
     return reproduction.run(args)
 

@@ -191,6 +191,10 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> ProjectionNet:
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise CutPasteError(f"{path} does not match the model layout it declares ({first[:200]}); "
                             f"it was written by other code: retrain it") from None
+    broken = next((k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if broken is not None:
+        raise CutPasteError(f"{path} holds NaN or infinite weights ({broken}), which would score every image NaN; "
+                            f"retrain it")
     return model
 
 

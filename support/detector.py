@@ -7,6 +7,7 @@ images' held-out scores (about 1 - quantile of new clean images get flagged). Fr
     det = Detector.load("models/model-bottle-<date>.tch"); results = det.predict(paths, det.threshold())
 """
 import glob
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -268,8 +269,9 @@ def overlay_writer(detector: Detector, targets: dict[str, Path], threshold: floa
 
 
 def folder_truth(path: str) -> int:
-    """MVTec layout: an image in a folder named 'good' is normal (0), in any other folder defective (1)."""
-    return int(Path(path).parent.name != dataset.GOOD)
+    """An image in a folder named 'good' (MVTec AD, AD 2, LOCO, plain folders) or 'Normal' (VisA) is normal (0), in
+    any other folder defective (1)."""
+    return int(Path(path).parent.name.lower() not in (dataset.GOOD, "normal"))
 
 
 def truth_report(results: list[Prediction]) -> dict:
@@ -297,8 +299,7 @@ def choose_checkpoint(path: Path, category: str | None) -> Path:
 def write_csv(results: list[Prediction], threshold: float, out: Path) -> pd.DataFrame:
     frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
                          columns=["path", "score", "label", "threshold", "error"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    checkpoints.atomic_write(out, lambda fh: frame.to_csv(fh, index=False), "w")
     return frame
 
 
@@ -306,8 +307,12 @@ def run(args) -> list[Prediction]:
     """predict.py: score the inputs, write the CSV (and overlays), print the summary."""
     if args.batch_size < 1 or args.workers < 0 or not 0.0 <= args.quantile <= 1.0:
         raise CutPasteError("--batch_size must be positive, --workers 0 or more, --quantile in [0, 1]")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise CutPasteError(f"--threshold {args.threshold} is not a number; give a finite score")
     paths = expand_inputs(args.inputs)
-    targets = overlay_paths(paths, args.overlay_dir) if args.overlay_dir else None
+    checkpoints.writable_file(args.out, "--out")  # before the work: the scores must have somewhere to go
+    targets = overlay_paths(paths, checkpoints.writable_folder(args.overlay_dir, "--overlay_dir")) \
+        if args.overlay_dir else None
     device = resolve_device(args.device, args.cuda)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()

@@ -255,6 +255,7 @@ def open_export(path: Path):
         version, size = meta["export_format"], int(meta["size"])
     except (TypeError, ValueError, KeyError):
         raise CutPasteError(f"{path} holds no CutPaste metadata: it is not a file export.py wrote; {fix}") from None
+    checkpoints.plain_name(meta.get("category"), "the category", path)
     if version != EXPORT_FORMAT:
         raise CutPasteError(f"{path} is export format {version} (code {meta.get('code_version')}), this code "
                             f"({checkpoints.code_version()}) reads {EXPORT_FORMAT}; {fix}")

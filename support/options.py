@@ -37,7 +37,7 @@ DENSITY_ESTIMATORS = ("torch", "sklearn")
 DEFAULT_QUANTILE = 0.99
 PREDICT_BATCH = 64
 EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
-# figures.py: the earlier reimplementation's bar charts start the AUROC axis at 40 %, so that differences
+# reproduce.py's figures: the earlier reimplementation's bar charts start the AUROC axis at 40 %, so that differences
 # between 90 and 100 stay readable; the training curves are moving averages of this many logged points.
 FIGURES_Y_MIN = 40.0
 FIGURES_WINDOW = 10

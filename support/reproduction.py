@@ -165,7 +165,6 @@ def run(args) -> pd.DataFrame:
         args.figures_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.csv, args.figures_dir / "results.csv")
         figures.draw(argparse.Namespace(csv=args.figures_dir / "results.csv", out_dir=args.figures_dir,
-                                        paper=options.PAPER_TABLE1, ymin=options.FIGURES_Y_MIN,
-                                        window=options.FIGURES_WINDOW, curves=True))
+                                        paper=args.paper, ymin=args.ymin, window=args.window, curves=args.curves))
     return results
 

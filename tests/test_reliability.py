@@ -222,3 +222,33 @@ def test_backbone_and_patch_size_are_part_of_what_a_run_is(tmp_path, lid_model):
     torch.save(state, tmp_path / "lid.state.pt")
     with pytest.raises(CutPasteError, match=r"--patch_size 0 \(now 16\)"):
         runstate.load_state(tmp_path / "lid.state.pt", parse([*TINY, "--patch_size", "16"]))
+
+
+def test_predict_checks_its_outputs_and_threshold_before_scoring(tmp_path, mvtec_root, lid_model, monkeypatch):
+    import predict
+    from support import detector
+    monkeypatch.setattr(detector.Detector, "load", lambda *a, **k: pytest.fail("scoring started"))
+    images = str(mvtec_root / "lid" / "test")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for extra, message in ((["--out", str(tmp_path)], r"--out .* is a folder; give a file name"),
+                           (["--out", str(blocker / "p.csv")], r"--out .*a_file is not a writable folder"),
+                           (["--overlay_dir", str(blocker / "o")], r"--overlay_dir .*a_file/o is not a writable"),
+                           (["--threshold", "nan"], r"--threshold nan is not a number")):
+        with pytest.raises(CutPasteError, match=message):
+            predict.main([images, "--checkpoint", str(lid_model), *extra])
+
+
+def test_nan_weights_are_refused_at_load(tmp_path, lid_model):
+    ckpt = torch.load(lid_model, weights_only=True)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key].view(-1)[0] = float("nan")
+    path = one_model_folder(lid_model, tmp_path / "models", state_dict=ckpt["state_dict"])
+    with pytest.raises(CutPasteError, match=rf"NaN or infinite weights \({key}\)"):
+        Detector.load(path, device="cpu")
+
+
+def test_the_truth_from_folders_knows_every_layouts_clean_folder():
+    from support.detector import folder_truth
+    assert [folder_truth(p) for p in ("a/test/good/1.png", "v/Data/Images/Normal/1.JPG", "a/test/crack/1.png",
+                                      "v/Data/Images/Anomaly/1.JPG", "b/test_public/bad/1.png")] == [0, 0, 1, 1, 1]

@@ -4,7 +4,6 @@ import shutil
 import pandas as pd
 import pytest
 
-import figures
 import reproduce
 from support import evaluation, reproduction, training
 from support import figures as drawing
@@ -100,7 +99,7 @@ def test_table_statistics_and_paper_columns(tmp_path):
                  size=256, image_auroc=v, models=1)
             for c, vals in (("bottle", (97.0, 99.0)), ("cable", (80.0, 84.0))) for s, v in enumerate(vals)]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
-    written = figures.main(["--csv", str(tmp_path / "results.csv"), "--out_dir", str(tmp_path / "doc")])
+    written = reproduce.main(["--figures_from", str(tmp_path / "results.csv"), "--figures_dir", str(tmp_path / "doc")])
     assert sorted(p.name for p in written) == ["bars_3way.png", "table.md"]
     table = drawing.summary_table(drawing.load_results(tmp_path / "results.csv"),
                                   drawing.read_paper(PAPER_TABLE1)).set_index("category")

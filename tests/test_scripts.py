@@ -177,7 +177,7 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path, mvtec_root, lid_normal):
 
 def test_help_answers_without_loading_torch():
     """Every script parses its flags before importing torch (or pandas), so that --help answers at once."""
-    for script in ("run_training.py", "eval.py", "predict.py", "export.py", "demo.py", "reproduce.py", "figures.py",
+    for script in ("run_training.py", "eval.py", "predict.py", "export.py", "demo.py", "reproduce.py",
                    "dataset.py"):
         probe = (f"import sys, runpy; sys.argv = ['{script}', '--help']; sys.path.insert(0, {str(ROOT)!r})\n"
                  f"try:\n    runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n"

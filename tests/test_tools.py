@@ -47,14 +47,14 @@ def test_benchmark_writes_its_table(tmp_path, mvtec_root, monkeypatch):
 
 def test_bench_export_times_every_runtime_on_the_same_images(tmp_path):
     out = tmp_path / "export.md"
-    rows = bench_export.main(["--size", "64", "--patch_size", "32", "--strides", "16", "--batch", "2", "--iters", "1",
-                              "--warmup", "0", "--out", str(out)])
+    # The dense graphs' equality to eager scoring is tests/test_export.py's; here the image graph keeps it short.
+    rows = bench_export.main(["--size", "64", "--strides", "", "--batch", "2", "--iters", "1", "--warmup", "0",
+                              "--out", str(out)])
     runtimes = ["PyTorch (eager)", "ONNX Runtime", "OpenVINO", "TorchScript"]
-    assert [(r["measurement"], r["runtime"]) for r in rows] == [(m, rt) for m in ("image", "dense stride 16")
-                                                                 for rt in runtimes]
+    assert [(r["measurement"], r["runtime"]) for r in rows] == [("image", rt) for rt in runtimes]
     assert all(r["batch 1: ms"] > 0 and r["max relative difference to eager"] < 1e-4 for r in rows)
     text = out.read_text()
-    assert "Machine: " in text and "avx2 " in text and "avx512_bf16 " in text and "| dense stride 16 | OpenVINO |" in text
+    assert "Machine: " in text and "avx2 " in text and "avx512_bf16 " in text and "| image | OpenVINO |" in text
 
 
 def test_bench_localization_runs_with_one_progress_bar(capsys):
