@@ -64,7 +64,8 @@ def graphs(args):
         model = checkpoints.build_model(1, 2).eval()
         gaussian = density_lib.GaussianDensityTorch.from_state_dict(
             {"mean": density_lib.normalize(torch.randn(1, model.embed_dim))[0], "precision": torch.eye(model.embed_dim)})
-        meta = {"export_format": export.EXPORT_FORMAT, "size": args.size, "patch_size": 0, "stride": 0}
+        meta = {"export_format": export.EXPORT_FORMAT, "category": "random", "size": args.size, "patch_size": 0,
+                "stride": 0}
     cpu = torch.device("cpu")
     out = [("image", _image_forward(model, gaussian, cpu, False, False),
             export.ImageScorer(model, gaussian.mean, gaussian.precision).eval(), meta)]
