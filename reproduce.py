@@ -65,8 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", type=Path, default=options.PAPER_TABLE1, help="Li et al.'s Table 1 as CSV")
     p.add_argument("--ymin", type=float, default=options.FIGURES_Y_MIN,
                    help="bar charts' AUROC axis starts here (%%), as the earlier reimplementation's did")
-    p.add_argument("--window", type=int, default=options.FIGURES_WINDOW,
-                   help="logged points in the training curves' moving average")
+    p.add_argument("--window", type=int, default=options.FIGURES_WINDOW, help="points in the curves' moving average")
     p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
                    help="draw training curves from the tensorboard logs named in the CSV's logdir column")
     p.add_argument("--density", type=str, choices=(CHECKPOINT_DENSITY, *DENSITY_ESTIMATORS),
