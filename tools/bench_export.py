@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the project's modules live on
 import torch  # noqa: E402
 
 import density as density_lib  # noqa: E402
-from benchmark import cpuinfo  # noqa: E402
+from benchmark import cpuinfo, publish  # noqa: E402
 from support import checkpoints, export, options, patches  # noqa: E402
 from support.detector import _dense_forward, _image_forward  # noqa: E402
 from support.errors import run_main  # noqa: E402
@@ -135,11 +135,7 @@ def main(argv=None):
         for i, (name, eager, net, meta) in enumerate(graphs(args)):
             (Path(tmp) / str(i)).mkdir()
             rows += measure(name, eager, write_all(net, meta, Path(tmp) / str(i)), images, args)
-    text = report(args, rows)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(report(args, rows), args.out)
     return rows
 
 

@@ -260,12 +260,16 @@ def main(argv=None) -> dict:
     rows["peak RSS MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         rows["peak CUDA MiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    text = report(args, device, rows)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(report(args, device, rows), args.out)
     return rows
+
+
+def publish(text: str, out: Path | None) -> None:
+    """Print a benchmark's markdown and, with --out, write it there too."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 if __name__ == "__main__":
