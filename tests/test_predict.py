@@ -18,7 +18,6 @@ from support.errors import CutPasteError
 from support.options import DEFAULT_QUANTILE
 
 
-
 def train_lid(out: Path, mvtec_root: Path, *extra) -> Path:
     (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(out / "models"),
                                  "--log_dir", str(out / "logdirs"), "--epochs", "4", "--batch_size", "4",
