@@ -112,16 +112,22 @@ class Runner:
         return torch.cat(out)
 
 
-def fit_patch_density(runner: Runner, train_u8: torch.Tensor, patch: int, kind: str = "torch",
-                      local: bool = False, cell_stride: int = CELL_STRIDE):
-    """PatchGaussians fitted on cell_crops of the clean images, and each image's largest patch score (N,)."""
+def embed_cells(runner: Runner, train_u8: torch.Tensor, patch: int, cell_stride: int = CELL_STRIDE):
+    """(normalised embeddings, image index, cell index) of the cell_crops of the clean images."""
     n, _, h, w = train_u8.shape
     img, top, left, cells = cell_crops(n, h, w, patch, cell_stride)
     embeds = runner.over_crops(train_u8, (img, top, left), patch, lambda e, _: density_lib.normalize(e),
                                desc="embed training patches")
-    cells = cells.to(embeds.device)
+    return embeds, img, cells.to(embeds.device)
+
+
+def fit_patch_density(runner: Runner, train_u8: torch.Tensor, patch: int, kind: str = "torch",
+                      local: bool = False, cell_stride: int = CELL_STRIDE, fitted=None):
+    """PatchGaussians fitted on cell_crops of the clean images (`fitted`: embed_cells' result, when already made),
+    and each image's largest patch score (N,)."""
+    embeds, _, cells = fitted or embed_cells(runner, train_u8, patch, cell_stride)
     density = density_lib.PatchGaussians(kind, local).fit(embeds, cells)
-    return density, density.score(embeds, cells).view(n, -1).amax(dim=1)
+    return density, density.score(embeds, cells).view(len(train_u8), -1).amax(dim=1)
 
 
 def score_grids(runner: Runner, density: "density_lib.PatchGaussians", images_u8: torch.Tensor, patch: int, stride: int,
@@ -165,17 +171,16 @@ def dense_maps(runner: Runner, train_u8: torch.Tensor, test_u8: torch.Tensor, pa
     return upsample_scores(grids, test_u8.shape[2], test_u8.shape[3], patch, stride)
 
 
-def heldout_map_maxima(runner: Runner, train_u8: torch.Tensor, patch: int, stride: int,
-                       folds: int = density_lib.HELDOUT_FOLDS, cell_stride: int = CELL_STRIDE) -> torch.Tensor:
-    """(N,) each clean image's dense-map maximum at `stride` under a shared patch Gaussian fitted without its fold
-    (empty if N < 3): predict.py's threshold for a patch-level model, as heldout_scores is for an image-level one."""
+def heldout_map_maxima(runner: Runner, train_u8: torch.Tensor, patch: int, stride: int, fitted,
+                       folds: int = density_lib.HELDOUT_FOLDS) -> torch.Tensor:
+    """(N,) each clean image's dense-map maximum at `stride` under a shared patch Gaussian fitted, on embed_cells'
+    `fitted` patches, without its fold (empty if N < 3): predict.py's threshold for a patch-level model, as
+    heldout_scores is for an image-level one."""
     n, _, h, w = train_u8.shape
     folds = min(folds, n)
     if n < 3 or folds < 2:
         return torch.empty(0)
-    img, top, left, _ = cell_crops(n, h, w, patch, cell_stride)
-    fit = runner.over_crops(train_u8, (img, top, left), patch, lambda e, _: density_lib.normalize(e).cpu(),
-                            desc="embed training patches")
+    fit, img = fitted[0].cpu(), fitted[1]
     grid = runner.over_crops(train_u8, grid_crops(n, h, w, patch, stride), patch,
                              lambda e, _: density_lib.normalize(e).cpu(), desc="score held-out patches")
     rows, cols = len(patch_positions(h, patch, stride)), len(patch_positions(w, patch, stride))

@@ -163,8 +163,10 @@ def finish_category(run: Run, train_u8: torch.Tensor) -> Path:
     extra = {}
     if args.patch_size:  # the Gaussian of a patch-level model is fitted on patches of the clean images
         runner = patches.Runner(model, device, args.amp, args.channels_last)
-        density, train_scores = patches.fit_patch_density(runner, train_u8, args.patch_size)
-        extra["heldout_scores"] = patches.heldout_map_maxima(runner, train_u8, args.patch_size, PATCH_SCORE_STRIDE)
+        fitted = patches.embed_cells(runner, train_u8, args.patch_size)
+        density, train_scores = patches.fit_patch_density(runner, train_u8, args.patch_size, fitted=fitted)
+        extra["heldout_scores"] = patches.heldout_map_maxima(runner, train_u8, args.patch_size, PATCH_SCORE_STRIDE,
+                                                             fitted)
         extra["score_stride"] = PATCH_SCORE_STRIDE  # predict.py scores at the stride its threshold comes from
     else:
         train_emb = embed_images(model, train_u8, device, args.amp, args.channels_last)
