@@ -114,20 +114,25 @@ def fit_and_score(train_embeds: torch.Tensor, test_embeds: torch.Tensor, kind: s
     return density, density.score(normalize(test_embeds))
 
 
-def heldout_scores(train_embeds: torch.Tensor, kind: str = "torch", folds: int = HELDOUT_FOLDS) -> torch.Tensor:
-    """(N, D) clean embeddings -> (N,) scores, image i by a Gaussian fitted without fold i % folds (empty if N < 3).
-    In-sample scores run low; about 1 - q of new clean images exceed the q-quantile of these held-out ones."""
-    n = train_embeds.shape[0]
+def heldout(n: int, score_fold, folds: int = HELDOUT_FOLDS) -> torch.Tensor:
+    """(N,) scores of N clean images, those of each fold i % folds by score_fold(held: (N,) bool mask), which fits
+    on the other folds; empty if N < 3. In-sample scores run low; about 1 - q of new clean images exceed the
+    q-quantile of held-out ones."""
     folds = min(folds, n)
     if n < 3 or folds < 2:
         return torch.empty(0)
-    fold = torch.arange(n, device=train_embeds.device) % folds
-    scores = torch.empty(n)
+    fold, scores = torch.arange(n) % folds, torch.empty(n)
     for f in range(folds):
-        held = fold == f
-        _, s = fit_and_score(train_embeds[~held], train_embeds[held], kind)
-        scores[held.cpu()] = s.float().cpu()
+        scores[fold == f] = score_fold(fold == f).float().cpu()
     return scores
+
+
+def heldout_scores(train_embeds: torch.Tensor, kind: str = "torch", folds: int = HELDOUT_FOLDS) -> torch.Tensor:
+    """(N, D) clean embeddings -> (N,) held-out scores, image i by a Gaussian fitted without its fold."""
+    def score_fold(held):
+        held = held.to(train_embeds.device)
+        return fit_and_score(train_embeds[~held], train_embeds[held], kind)[1]
+    return heldout(train_embeds.shape[0], score_fold, folds)
 
 
 def quantile_threshold(scores: torch.Tensor, quantile: float) -> float:

@@ -177,17 +177,16 @@ def heldout_map_maxima(runner: Runner, train_u8: torch.Tensor, patch: int, strid
     `fitted` patches, without its fold (empty if N < 3): predict.py's threshold for a patch-level model, as
     heldout_scores is for an image-level one."""
     n, _, h, w = train_u8.shape
-    folds = min(folds, n)
-    if n < 3 or folds < 2:
+    if n < 3:
         return torch.empty(0)
     fit, img = fitted[0].cpu(), fitted[1]
     grid = runner.over_crops(train_u8, grid_crops(n, h, w, patch, stride), patch,
                              lambda e, _: density_lib.normalize(e).cpu(), desc="score held-out patches")
     rows, cols = len(patch_positions(h, patch, stride)), len(patch_positions(w, patch, stride))
-    grid, fold, out = grid.view(n, rows * cols, -1), torch.arange(n) % folds, torch.empty(n)
-    for f in range(folds):
-        held = fold == f
+    grid = grid.view(n, rows * cols, -1)
+
+    def score_fold(held):
         gaussian = density_lib.make_density("torch").fit(fit[~held[img]])
         scores = gaussian.score(grid[held].flatten(0, 1)).view(-1, rows, cols)
-        out[held] = upsample_scores(scores, h, w, patch, stride).amax(dim=(1, 2))
-    return out
+        return upsample_scores(scores, h, w, patch, stride).amax(dim=(1, 2))
+    return density_lib.heldout(n, score_fold, folds)
