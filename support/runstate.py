@@ -113,8 +113,7 @@ def restore(state: dict, path: Path, model, opt, sched, gen: torch.Generator, de
 def category_lock(model_dir: Path, category: str):
     """Hold <model_dir>/<category>.lock while the category trains: two trainings of it into one folder would share
     its state file. The system drops the lock when the process ends, however it ends."""
-    path = Path(model_dir) / f"{category}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(model_dir) / f"{category}.lock"  # training.run has made the folder and checked it writable
     with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
