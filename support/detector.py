@@ -91,8 +91,8 @@ class Detector:
         density = checkpoints.density_from_checkpoint(ckpt, path, dev, patch_ok=True)
         size, patch = int(ckpt["size"]), int(ckpt.get("patch_size", 0))
         stride = int(ckpt.get("score_stride", PATCH_SCORE_STRIDE))
-        forward = (_dense_forward(patches.Runner(model, dev, amp, channels_last, progress=False), density, size,
-                                  patch, stride) if patch else _image_forward(model, density, dev, amp, channels_last))
+        forward = (dense_forward(patches.Runner(model, dev, amp, channels_last, progress=False), density, size,
+                                  patch, stride) if patch else image_forward(model, density, dev, amp, channels_last))
         scores, source = export_lib.calibration(ckpt, stride)
         det = cls(forward, size, torch.tensor(scores), source, ckpt["category"], str(path), heatmap, bool(patch))
         det.model, det.density, det.device, det.amp, det.channels_last = model, density, dev, amp, channels_last
@@ -168,7 +168,7 @@ class Detector:
         return results
 
 
-def _image_forward(model, density, device: torch.device, amp: bool, channels_last: bool):
+def image_forward(model, density, device: torch.device, amp: bool, channels_last: bool):
     """Section 3.3: the Mahalanobis distance of each image's embedding."""
     def forward(batch):
         emb = embed_images(model, batch, device, amp, channels_last)
@@ -176,7 +176,7 @@ def _image_forward(model, density, device: torch.device, amp: bool, channels_las
     return forward
 
 
-def _dense_forward(runner: patches.Runner, density, size: int, patch: int, stride: int):
+def dense_forward(runner: patches.Runner, density, size: int, patch: int, stride: int):
     """Section 4.2: dense maps from the shared Gaussian of clean patches; the image score is the map's maximum."""
     shared = density_lib.PatchGaussians.shared(density)
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import density as density_lib  # noqa: E402
 from benchmark import cpuinfo, publish  # noqa: E402
 from support import checkpoints, export, options, patches  # noqa: E402
-from support.detector import _dense_forward, _image_forward  # noqa: E402
+from support.detector import dense_forward, image_forward  # noqa: E402
 from support.errors import run_main  # noqa: E402
 
 FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
@@ -67,11 +67,11 @@ def graphs(args):
         meta = {"export_format": export.EXPORT_FORMAT, "category": "random", "size": args.size, "patch_size": 0,
                 "stride": 0}
     cpu = torch.device("cpu")
-    out = [("image", _image_forward(model, gaussian, cpu, False, False),
+    out = [("image", image_forward(model, gaussian, cpu, False, False),
             export.ImageScorer(model, gaussian.mean, gaussian.precision).eval(), meta)]
     runner = patches.Runner(model, cpu, progress=False)
     for stride in [int(s) for s in args.strides.split(",") if s.strip()]:
-        out.append((f"dense stride {stride}", _dense_forward(runner, gaussian, args.size, args.patch_size, stride),
+        out.append((f"dense stride {stride}", dense_forward(runner, gaussian, args.size, args.patch_size, stride),
                     export.PatchScorer(model, gaussian.mean, gaussian.precision, args.size, args.patch_size,
                                        stride).eval(), {**meta, "patch_size": args.patch_size, "stride": stride}))
     return out

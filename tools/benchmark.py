@@ -40,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark training and evaluation throughput.",
                                 parents=[options.runtime_flags(), options.speed_flags()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", type=Path, default=None, help="MVTec-layout root (none: random images, no eval)")
+    p.add_argument("--data_dir", type=Path, default=None, help="data root (none: random images, no eval)")
+    options.add_layout_flag(p)
     p.add_argument("--type", type=str, default="bottle", help="category to load from --data_dir")
     p.add_argument("--size", type=int, default=options.PAPER_SIZE, help="image side in pixels")
     p.add_argument("--variant", type=str, choices=options.VARIANTS, default="normal", help="CutPaste variant")
@@ -150,8 +151,8 @@ def reference_eval(args, t, device) -> None:
     model = checkpoints.build_model(t.head_layer, 2, t.arch).to(device).eval()
     tf = T.Compose([T.Resize((args.size, args.size)), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
     embeds = []
-    for paths in (dataset.list_train_images(args.data_dir, args.type),
-                  [it.path for it in dataset.list_test_items(args.data_dir, args.type)]):
+    for paths in (dataset.list_train_images(args.data_dir, args.type, args.layout),
+                  [it.path for it in dataset.list_test_items(args.data_dir, args.type, args.layout)]):
         with torch.no_grad():
             chunks = [torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i:i + 64]])
                       for i in range(0, len(paths), 64)]
@@ -173,9 +174,10 @@ def bench_eval(args, t, images, device) -> dict:
         torch.manual_seed(t.seed)  # untrained weights: evaluation takes as long whatever they are
         run = training.Run(t, args.type, "model-benchmark", device, training.prepare_model(t, device), *[None] * 3)
         training.finish_category(run, images)
-        flags = ["--data_dir", str(args.data_dir), "--type", args.type, "--model_dir", str(t.model_dir),
-                 "--out_dir", str(Path(tmp) / "Eval"), "--device", str(device), "--workers", str(args.workers),
-                 "--amp" if t.amp else "--no-amp", "--channels_last" if t.channels_last else "--no-channels_last"]
+        flags = ["--data_dir", str(args.data_dir), "--type", args.type, "--layout", args.layout,
+                 "--model_dir", str(t.model_dir), "--out_dir", str(Path(tmp) / "Eval"), "--device", str(device),
+                 "--workers", str(args.workers), "--amp" if t.amp else "--no-amp",
+                 "--channels_last" if t.channels_last else "--no-channels_last"]
         fns = {"ours: eval in-process s":
                    lambda: evaluation.run(options.eval_parser().parse_args([*flags, "--save_plots", "0"])),
                "ours: eval command s (python eval.py, plots on)":
@@ -239,9 +241,10 @@ def main(argv=None) -> dict:
     t = options.training_parser().parse_args(["--no-pretrained"])  # run_training.py's optimizer, head and seed
     for name in ("variant", "batch_size", "size", "amp", "channels_last", "cuda_graph", "workers"):
         setattr(t, name, getattr(args, name))
-    images = (dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers).images if args.data_dir else
-              torch.randint(0, 256, (max(64, args.batch_size), 3, args.size, args.size), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))).to(device)
+    images = (dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers, args.layout).images
+              if args.data_dir else torch.randint(0, 256, (max(64, args.batch_size), 3, args.size, args.size),
+                                                  dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+              ).to(device)
     # The reference trains first, with the C library's default allocator as the earlier code; the setting is global.
     ref = 2 * args.batch_size / bench_reference(args, t, images, device) if args.reference else None
     if device.type == "cpu" and keep:
