@@ -1,0 +1,69 @@
+"""The house's rules: what a newcomer sees at the root, how long a function may be, who may import whom, how long
+the README is. Read from the source with ast, so a change that breaks a rule fails here."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("run_training", "eval", "predict", "export", "demo", "reproduce")
+MAX_ROOT_MODULES = 10
+MAX_FUNCTION_LINES = 50
+MAX_README_LINES = 200
+
+
+def project_files() -> list[Path]:
+    return sorted(p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] not in ("tests", ".git")
+                  and not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Project modules imported at module level (imports inside functions run later and cannot form a cycle)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_root_holds_the_design_card_and_the_scripts():
+    root_modules = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(root_modules) <= MAX_ROOT_MODULES, root_modules
+    assert {f"{s}.py" for s in SCRIPTS} | {"cutpaste.py", "model.py", "dataset.py", "density.py"} >= set(root_modules)
+
+
+def test_no_function_is_longer_than_fifty_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in project_files() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long
+
+
+def test_scripts_are_never_imported_and_modules_form_no_cycle():
+    modules = {module_name(p): p for p in project_files()}
+    graph = {name: {m for m in top_level_imports(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    importers = {name: [m for m, deps in graph.items() if name in deps] for name in SCRIPTS}
+    assert not any(importers.values()), importers
+    done, active = set(), []
+
+    def visit(name):
+        assert name not in active, f"import cycle: {' -> '.join(active[active.index(name):] + [name])}"
+        if name not in done:
+            active.append(name)
+            for dep in sorted(graph[name]):
+                visit(dep)
+            active.pop()
+            done.add(name)
+    for name in sorted(graph):
+        visit(name)
+
+
+def test_the_readme_stays_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= MAX_README_LINES
