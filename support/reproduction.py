@@ -10,13 +10,12 @@ import dataset
 from support import checkpoints, demo_data, evaluation, figures, options, training
 from support.checkpoints import atomic_write
 from support.errors import CutPasteError
+from support.runstate import RUN_KEYS
 from support.runtime import choose, resolve_device
 
 # What identifies one result: a row with the same values is finished.
 KEY = ("category", "variant", "seed", "backbone", "pretrained", "steps", "size")
-# Training options that may differ between runs sharing a folder (where and how, not what is learned).
-RUNTIME_OPTIONS = ("data_dir", "type", "layout", "model_dir", "log_dir", "device", "cuda", "workers", "amp",
-                   "channels_last", "compile", "cuda_graph", "keep_freed_memory", "log_every", "test_epochs")
+
 
 def run_name(args, variant: str, seed: int) -> str:
     init = "pretrained" if args.pretrained else "scratch"
@@ -36,13 +35,13 @@ def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str
 
 
 def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
-    """Training options where the checkpoint differs from this grid (options it was written without cannot)."""
+    """The run settings (runstate.RUN_KEYS) where the checkpoint differs from this grid (those it lacks cannot)."""
     config = ckpt["config"]
-    return [f"--{key} {config[key]} (asked: {value})" for key, value in sorted(expected.items())
-            if key not in RUNTIME_OPTIONS and key in config and config[key] != value]
+    return [f"--{key} {config[key]} (asked: {expected[key]})" for key in sorted(RUN_KEYS)
+            if key in config and config[key] != expected[key]]
 
 
-def finished_checkpoints(args, variant: str, seed: int, categories: list[str]) -> dict[str, tuple[Path, dict]]:
+def grid_checkpoints(args, variant: str, seed: int, categories: list[str]) -> dict[str, tuple[Path, dict]]:
     """The newest checkpoint per category already in the run's folder, each checked against the grid's settings."""
     model_dir = args.out_dir / "models" / run_name(args, variant, seed)
     expected = vars(options.training_parser().parse_args(train_argv(args, variant, seed, categories)))
@@ -108,7 +107,7 @@ def run_one(args, variant: str, seed: int, categories: list[str], results: pd.Da
             device) -> pd.DataFrame:
     """Train what one (variant, seed) run lacks, evaluate what the CSV lacks; return the updated table."""
     name = run_name(args, variant, seed)
-    found = finished_checkpoints(args, variant, seed, categories)  # also refuses a folder of other settings
+    found = grid_checkpoints(args, variant, seed, categories)  # also refuses a folder of other settings
     done = done_keys(results)
     todo = [c for c in categories if row_key(grid_columns(args, c, variant, str(seed))) not in done]
     if not todo:
@@ -117,7 +116,7 @@ def run_one(args, variant: str, seed: int, categories: list[str], results: pd.Da
     if missing := [c for c in todo if c not in found]:
         print(f"{name}: training {', '.join(missing)}")
         training.run(options.training_parser().parse_args(train_argv(args, variant, seed, missing)))
-        found = finished_checkpoints(args, variant, seed, categories)
+        found = grid_checkpoints(args, variant, seed, categories)
     ns = eval_namespace(args, args.out_dir / "models" / name)
     rows = [{**evaluation.evaluate_category(ns, c, *found[c], device), **grid_columns(args, c, variant, str(seed)),
              "models": 1, "logdir": str(args.out_dir / "logdirs" / name / found[c][0].stem)} for c in todo]
@@ -132,7 +131,7 @@ def run_ensembles(args, categories: list[str], results: pd.DataFrame, device) ->
         todo = [c for c in categories if row_key(grid_columns(args, c, variant, seeds)) not in done]
         if not todo:
             continue
-        runs = {s: finished_checkpoints(args, variant, s, categories) for s in args.seed_list}
+        runs = {s: grid_checkpoints(args, variant, s, categories) for s in args.seed_list}
         ns = eval_namespace(args, args.out_dir / "models" / run_name(args, variant, seeds))
         for category in todo:
             row = evaluation.evaluate_ensemble(ns, category, [runs[s][category] for s in args.seed_list], device)
