@@ -11,6 +11,7 @@ from pathlib import Path
 
 from support import demo_data
 from support.errors import run_main
+from support.options import add_device_flag
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=demo_data.DEMO_BATCH_SIZE, help="clean images per step")
     p.add_argument("--variant", type=str, default=demo_data.DEMO_VARIANT, help="CutPaste variant")
     p.add_argument("--seed", type=int, default=0, help="seed for the data and the training")
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N or auto")
+    add_device_flag(p)
     return p
 
 

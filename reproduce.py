@@ -15,7 +15,8 @@ from pathlib import Path
 
 from support import demo_data, options
 from support.errors import CutPasteError, run_main
-from support.options import CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS, VARIANTS, add_layout_flag
+from support.options import (CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS, VARIANTS, add_device_flag,
+                             add_layout_flag)
 
 # Table 1's single-model columns, as --variant values.
 PAPER_VARIANTS = ("normal", "scar", "3way")
@@ -77,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_args", type=str, default="",
                    help="further eval.py flags, quoted; extra result columns (pixel metrics) go into the CSV")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images")
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    add_device_flag(p)
     return p
 
 

@@ -58,6 +58,10 @@ def _parser(description: str | None = None, parents=()) -> argparse.ArgumentPars
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+
+
 def add_layout_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", type=str, choices=LAYOUTS, default="auto",
                    help="how --data_dir is laid out: MVTec AD (mvtec), MVTec AD 2 (mvtec2), MVTec LOCO AD (loco), "
@@ -78,7 +82,7 @@ def data_flags() -> argparse.ArgumentParser:
 def runtime_flags() -> argparse.ArgumentParser:
     """Where and how the network runs; 'auto' (None) picks the fastest settings for the hardware (runtime.py)."""
     p = _parser()
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    add_device_flag(p)
     p.add_argument("--cuda", type=str, default=None, help="legacy: --cuda 1 means --device cuda")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast; default (None): on where the device runs bf16 natively (CUDA, CPUs with "
