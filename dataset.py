@@ -54,9 +54,9 @@ class TestItem:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files in `folder`, sorted; hidden files (.DS_Store, macOS's ._* companions) are not images."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """Image files in `folder`, sorted (none if no folder); hidden ones (.DS_Store, macOS's ._*) are not images."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith(".")) if folder.is_dir() else []
 
 
 def _subfolders(folder: Path, skip=()) -> list[str]:
@@ -178,7 +178,7 @@ def _below(root: Path, relative: str, table: Path) -> Path:
 
 def _folder_split(folder: Path) -> tuple[list[Path], list[Path]]:
     """(train, clean test) images of a plain folder's good/: 1 in HOLDOUT held out, drawn with SPLIT_SEED."""
-    good = _images_in(folder / GOOD) if (folder / GOOD).is_dir() else []
+    good = _images_in(folder / GOOD)
     held = set(np.random.default_rng(SPLIT_SEED).permutation(len(good))[:len(good) // HOLDOUT].tolist())
     return [p for i, p in enumerate(good) if i not in held], [p for i, p in enumerate(good) if i in held]
 
@@ -192,7 +192,7 @@ def list_train_images(root: Path, category: str, layout: str = "auto") -> list[P
         where, files = folder / GOOD, _folder_split(folder)[0]
     else:
         where = folder / "train" / GOOD
-        files = _images_in(where) if where.is_dir() else []
+        files = _images_in(where)
     if not files:
         raise CutPasteError(f"found 0 images in {where} (looked for {', '.join(IMAGE_SUFFIXES)}); "
                             f"put the clean training images there")
@@ -203,7 +203,7 @@ def _match_masks(images: list[Path], mask_dir: Path) -> dict[Path, Path]:
     """Each image's mask in `mask_dir` by stem (<stem>, <stem>_mask, <stem>_gt); masks matching no image are named
     in a warning, an image matching several is an error."""
     by_stem, found, orphans = {p.stem: p for p in images}, {}, []
-    for mask in _images_in(mask_dir) if mask_dir.is_dir() else []:
+    for mask in _images_in(mask_dir):
         stems = [mask.stem] + [mask.stem[:-len(t)] for t in MASK_TAILS if mask.stem.endswith(t)]
         image = next((by_stem[s] for s in stems if s in by_stem), None)
         if image is None:
@@ -343,12 +343,6 @@ class MVTecTrain:
         self.paths = list_train_images(root, category, layout)
         self.images = load_images(self.paths, size, workers)
 
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, idx):
-        return self.images[idx]
-
 
 class MVTecTest:
     """Test images: uint8 `images` (N, 3, S, S), `labels` (N,), `defects`, `masks` (N, S, S), all-zero for good
@@ -369,9 +363,6 @@ class MVTecTest:
 
     def __len__(self):
         return len(self.items)
-
-    def __getitem__(self, idx):
-        return self.images[idx], self.labels[idx], self.masks[idx]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
