@@ -135,15 +135,19 @@ def load_imagenet_backbone(model: ProjectionNet) -> None:
     model.backbone.load_state_dict(state, strict=True)
 
 
+def sorted_args(args) -> dict:
+    """The arguments by name, paths as text: a checkpoint's config and a run's args.json."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
+
+
 def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, density, train_scores,
                     **extra) -> dict:
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
     return {
         "format": CHECKPOINT_FORMAT, "code_version": code_version(),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "category": category, "variant": args.variant, "size": args.size,
         "patch_size": args.patch_size,  # 0: an image-level model; else trained on patches of this side
-        "seed": args.seed, "steps": steps, "config": config,
+        "seed": args.seed, "steps": steps, "config": sorted_args(args),
         "model": {"arch": model.arch, "head_layer": args.head_layer, "head_dims": head_layers(args.head_layer),
                   "num_classes": model.out.out_features, "embed_dim": model.embed_dim},
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from support.checkpoints import code_version
+from support.checkpoints import code_version, sorted_args
 
 # Distributions whose versions decide the numbers a run produces.
 RECORDED_LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "scikit-learn", "scipy", "pandas",
@@ -37,21 +37,15 @@ def environment(device: torch.device, rank: int = 0, world_size: int = 1) -> dic
            "python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
            "libraries": library_versions(), "device": str(device), "rank": rank, "world_size": world_size}
     if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["gpu"] = torch.cuda.get_device_name(device)
+        env.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(device))
     return env
-
-
-def sorted_args(args) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
 
 
 def _keep_scalars_before(path: Path, step: int) -> None:
     """Drop scalars logged at or after `step`: a resumed run logs those steps again."""
-    if not path.exists():
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+        path.write_text("".join(ln + "\n" for ln in kept))
 
 
 class RunLog:
