@@ -106,19 +106,15 @@ def fetch(url: str, dest: Path, retries: int = DOWNLOAD_RETRIES, timeout: float 
                         f"command to resume")
 
 
-def sha256_of(path: Path) -> str:
+def verify(path: Path, expected: str) -> None:
+    """Raise, with the file moved aside to <name>.sha256-mismatch, unless its SHA-256 is `expected`."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
                                       desc=f"sha256 {path.name}", dynamic_ncols=True) as bar:
         while chunk := fh.read(CHUNK_BYTES):
             digest.update(chunk)
             bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def verify(path: Path, expected: str) -> None:
-    """Raise, with the file moved aside to <name>.sha256-mismatch, unless its SHA-256 is `expected`."""
-    actual = sha256_of(path)
+    actual = digest.hexdigest()
     if actual != expected.lower():
         aside = path.with_name(path.name + ".sha256-mismatch")
         path.replace(aside)
