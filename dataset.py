@@ -90,8 +90,6 @@ def _check_level(root: Path, in_folder_ok: bool) -> None:
 def present_categories(root: Path) -> list[str]:
     """Category folders of `root` (`root` itself when it is one): MVTec AD's in Table 1 order, then the others."""
     root = Path(root)
-    if not root.is_dir():
-        return []
     if layout_of(root) is not None:
         return [root.resolve().name]
     found = [name for name in _subfolders(root) if layout_of(root / name) is not None]
