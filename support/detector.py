@@ -288,13 +288,6 @@ def choose_checkpoint(path: Path, category: str | None) -> Path:
     return next(iter(chosen.values()))[0]
 
 
-def write_csv(results: list[Prediction], threshold: float, out: Path) -> pd.DataFrame:
-    frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
-                         columns=["path", "score", "label", "threshold", "error"])
-    checkpoints.atomic_write(out, lambda fh: frame.to_csv(fh, index=False), "w")
-    return frame
-
-
 def run(args) -> list[Prediction]:
     """predict.py: score the inputs, write the CSV (and overlays), print the summary."""
     if args.batch_size < 1 or args.workers < 0 or not 0.0 <= args.quantile <= 1.0:
@@ -318,7 +311,9 @@ def run(args) -> list[Prediction]:
     for r in results:
         if r.label == UNREADABLE:
             print(f"warning: {r.error}", file=sys.stderr)
-    write_csv(results, threshold, args.out)
+    frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
+                         columns=["path", "score", "label", "threshold", "error"])
+    checkpoints.atomic_write(args.out, lambda fh: frame.to_csv(fh, index=False), "w")
     n_bad, flagged = sum(r.label == UNREADABLE for r in results), sum(r.label == ANOMALOUS for r in results)
     if n_bad == len(results):
         raise CutPasteError(f"none of the {len(results)} images could be read (see the warnings); nothing scored")
