@@ -44,11 +44,6 @@ class Prediction:
     error: str = ""
 
 
-def _pil_to_u8(img: Image.Image, size: int) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
 def _tensor_to_u8(images: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) or (3, H, W), uint8 or float in [0, 1] -> uint8 (N, 3, size, size) (antialiased resize)."""
     images = images.unsqueeze(0) if images.dim() == 3 else images
@@ -106,10 +101,9 @@ class Detector:
         patch = int(meta["patch_size"])
 
         def forward(batch):
-            step = 1 if patch else len(batch)
-            outs = [run(batch[i:i + step].numpy()) for i in range(0, len(batch), step)]
-            scores = torch.from_numpy(np.concatenate([o[0] for o in outs])).float()
-            return scores, torch.from_numpy(np.concatenate([o[1] for o in outs])).float() if patch else None
+            outs = [run(part.numpy()) for part in batch.split(1 if patch else len(batch))]
+            joined = [torch.from_numpy(np.concatenate(parts)).float() for parts in zip(*outs)]  # scores[, maps]
+            return joined[0], joined[1] if patch else None
         return cls(forward, int(meta["size"]), torch.tensor(meta["calibration_scores"]), meta["calibration_source"],
                    meta["category"], str(path), heatmap, bool(patch), meta)
 
@@ -126,8 +120,8 @@ class Detector:
             return _tensor_to_u8(images, self.size)
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
-        out = [_pil_to_u8(im, self.size) if isinstance(im, Image.Image) else dataset.load_image(Path(im), self.size)
-               for im in images]
+        out = [TF.pil_to_tensor(im.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
+               if isinstance(im, Image.Image) else dataset.load_image(Path(im), self.size) for im in images]
         return torch.stack(out) if out else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
 
     def score_and_maps(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,21 +199,19 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     paths = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in dataset.IMAGE_SUFFIXES)
-            if not found:
-                raise CutPasteError(f"found 0 images in {path} (looked for {', '.join(dataset.IMAGE_SUFFIXES)})")
-            paths += found
-        elif path.is_file():
-            paths.append(path)
+            none = f"found 0 images in {path} (looked for {', '.join(dataset.IMAGE_SUFFIXES)})"
         elif glob.has_magic(item):
             found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not found:
-                raise CutPasteError(f"the pattern {item!r} matches no file; check it (quote it so the shell "
-                                    f"does not expand it)")
-            paths += found
+            none = f"the pattern {item!r} matches no file; check it (quote it so the shell does not expand it)"
         else:
             raise CutPasteError(f"{path} does not exist; give image files, folders or glob patterns")
+        if not found:
+            raise CutPasteError(none)
+        paths += found
     return paths
 
 
@@ -296,13 +288,6 @@ def choose_checkpoint(path: Path, category: str | None) -> Path:
     return next(iter(chosen.values()))[0]
 
 
-def write_csv(results: list[Prediction], threshold: float, out: Path) -> pd.DataFrame:
-    frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
-                         columns=["path", "score", "label", "threshold", "error"])
-    checkpoints.atomic_write(out, lambda fh: frame.to_csv(fh, index=False), "w")
-    return frame
-
-
 def run(args) -> list[Prediction]:
     """predict.py: score the inputs, write the CSV (and overlays), print the summary."""
     if args.batch_size < 1 or args.workers < 0 or not 0.0 <= args.quantile <= 1.0:
@@ -326,7 +311,9 @@ def run(args) -> list[Prediction]:
     for r in results:
         if r.label == UNREADABLE:
             print(f"warning: {r.error}", file=sys.stderr)
-    write_csv(results, threshold, args.out)
+    frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
+                         columns=["path", "score", "label", "threshold", "error"])
+    checkpoints.atomic_write(args.out, lambda fh: frame.to_csv(fh, index=False), "w")
     n_bad, flagged = sum(r.label == UNREADABLE for r in results), sum(r.label == ANOMALOUS for r in results)
     if n_bad == len(results):
         raise CutPasteError(f"none of the {len(results)} images could be read (see the warnings); nothing scored")

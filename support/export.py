@@ -29,12 +29,6 @@ EXPORTABLE_ARCHS = ("resnet", "wide_resnet", "resnext", "efficientnet_b")
 ONNX_OPSET = 18
 
 
-def mahalanobis(embeds: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """(N, D) raw embeddings -> (N,) distances to the Gaussian of L2-normalised clean embeddings (density.py)."""
-    diff = F.normalize(embeds, p=2, dim=1) - mean
-    return ((diff @ precision) * diff).sum(dim=1).clamp(min=0).sqrt()
-
-
 class ImageScorer(nn.Module):
     """uint8 (N, 3, S, S) -> anomaly scores (N,) of an image-level model."""
 
@@ -44,19 +38,23 @@ class ImageScorer(nn.Module):
         self.register_buffer("mean", mean.float())
         self.register_buffer("precision", precision.float())
 
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, s, s) float images -> (N,) distances of their L2-normalised embeddings to the Gaussian (density.py),
+        in ops that every exporter takes."""
+        diff = F.normalize(self.model.embed(x), p=2, dim=1) - self.mean
+        return ((diff @ self.precision) * diff).sum(dim=1).clamp(min=0).sqrt()
+
     def forward(self, images):
-        return mahalanobis(self.model.embed(images.float() / 255), self.mean, self.precision)
+        return self.distances(images.float() / 255)
 
 
-class PatchScorer(nn.Module):
+class PatchScorer(ImageScorer):
     """uint8 (N, 3, S, S) -> (scores (N,), maps (N, S, S)) of a patch-level model: every patch of the `stride` grid
     in one batch, scored by the shared Gaussian, upsampled over its receptive field; score = the map's maximum."""
 
     def __init__(self, model, mean: torch.Tensor, precision: torch.Tensor, size: int, patch: int, stride: int):
-        super().__init__()
-        self.model, self.patch = model, patch
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("precision", precision.float())
+        super().__init__(model, mean, precision)
+        self.patch = patch
         starts = patches.patch_positions(size, patch, stride)
         self.register_buffer("rows", (starts.view(-1, 1) + torch.arange(patch)).flatten())
         # upsample_scores' weighted mean, wy @ g @ wx.T / (wy @ 1 @ wx.T), with each weight row normalised.
@@ -67,18 +65,8 @@ class PatchScorer(nn.Module):
         n, cells, p = images.shape[0], self.weights.shape[1], self.patch
         x = (images.float() / 255).index_select(2, self.rows).index_select(3, self.rows)
         x = x.view(n, 3, cells, p, cells, p).permute(0, 2, 4, 1, 3, 5).reshape(n * cells * cells, 3, p, p)
-        grid = mahalanobis(self.model.embed(x), self.mean, self.precision).view(n, cells, cells)
-        maps = self.weights @ grid @ self.weights.T
+        maps = self.weights @ self.distances(x).view(n, cells, cells) @ self.weights.T
         return maps.amax(dim=(1, 2)), maps
-
-
-def check_exportable(ckpt: dict, path: Path, fmt: str) -> None:
-    arch = ckpt["model"].get("arch", "resnet18")
-    if not arch.startswith(EXPORTABLE_ARCHS):
-        raise CutPasteError(f"{path}: backbone {arch} is not among the exportable ones ({', '.join(EXPORTABLE_ARCHS)}"
-                            f" families); score it with predict.py --checkpoint {path.name} instead")
-    if fmt not in FORMATS:
-        raise CutPasteError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def scorer_from_checkpoint(ckpt: dict, path: Path, stride: int | None = None) -> tuple[nn.Module, dict]:
@@ -122,10 +110,6 @@ def example_batch(size: int, n: int = 2) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def output_names(patch: int) -> list[str]:
-    return ["score", "map"] if patch else ["score"]
-
-
 def write_onnx(net: nn.Module, meta: dict, out: Path) -> None:
     """torch.onnx (the torch.export-based exporter), batch dimension dynamic, metadata in metadata_props."""
     import onnx
@@ -133,7 +117,7 @@ def write_onnx(net: nn.Module, meta: dict, out: Path) -> None:
         raw = Path(tmp) / "raw.onnx"
         batch = torch.export.Dim("batch", min=1)
         torch.onnx.export(net, (example_batch(meta["size"]),), str(raw), dynamo=True, external_data=False,
-                          input_names=["images"], output_names=output_names(meta["patch_size"]),
+                          input_names=["images"], output_names=["score", "map"] if meta["patch_size"] else ["score"],
                           dynamic_shapes={"images": {0: batch}}, opset_version=ONNX_OPSET, verbose=False)
         graph = onnx.load(str(raw))
     onnx.helper.set_model_props(graph, {META_KEY: json.dumps(meta)})
@@ -173,7 +157,13 @@ def export(checkpoint: Path, fmt: str, out: Path, stride: int | None = None) -> 
     """Write `checkpoint`'s scoring graph as `fmt` to `out`; returns the metadata written."""
     checkpoint, out = Path(checkpoint), Path(out)
     ckpt = checkpoints.read_checkpoint(checkpoint)
-    check_exportable(ckpt, checkpoint, fmt)
+    arch = ckpt["model"].get("arch", "resnet18")
+    if not arch.startswith(EXPORTABLE_ARCHS):
+        raise CutPasteError(f"{checkpoint}: backbone {arch} is not among the exportable ones "
+                            f"({', '.join(EXPORTABLE_ARCHS)} families); score it with predict.py --checkpoint "
+                            f"{checkpoint.name} instead")
+    if fmt not in FORMATS:
+        raise CutPasteError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     want = SUFFIXES.get(fmt)
     if (want and out.suffix != want) or (not want and out.suffix in SUFFIXES.values()):
         raise CutPasteError(f"--out {out}: a {fmt} export is named "
@@ -185,9 +175,9 @@ def export(checkpoint: Path, fmt: str, out: Path, stride: int | None = None) -> 
     except CutPasteError:
         raise
     except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CutPasteError(f"{checkpoint}: exporting its {meta['arch']} graph to {fmt} failed ({type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); score it "
-                            f"with predict.py --checkpoint {checkpoint.name} instead") from None
+                            f"{first}); score it with predict.py --checkpoint {checkpoint.name} instead") from None
     return meta
 
 
@@ -207,9 +197,8 @@ def _open_onnx(path: Path):
     import onnxruntime as ort
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-    names = [o.name for o in session.get_outputs()]
-    return (lambda x: session.run(names, {session.get_inputs()[0].name: x}), meta,
-            session.get_inputs()[0].shape[-1])
+    images = session.get_inputs()[0]
+    return lambda x: session.run(None, {images.name: x}), meta, images.shape[-1]  # None: every output, in order
 
 
 def _open_openvino(path: Path):
@@ -220,7 +209,7 @@ def _open_openvino(path: Path):
     size = model.input(0).get_partial_shape()[-1].get_length()
     # float32 as exported: the CPU plugin would otherwise run bf16 where the CPU has it.
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return lambda x: [r for r in compiled(x).to_tuple()], meta, size
+    return lambda x: list(compiled(x).to_tuple()), meta, size
 
 
 def _open_torchscript(path: Path):
@@ -247,7 +236,7 @@ def open_export(path: Path):
     try:
         run, text, graph_size = opener(path)
     except Exception as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CutPasteError(f"cannot read exported model {path} ({type(err).__name__}: {first}); it may be "
                             f"truncated: {fix}") from None
     try:

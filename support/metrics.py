@@ -18,10 +18,7 @@ def _numpy(array) -> np.ndarray:
 
 def pixel_auroc(masks, maps) -> float:
     """ROC AUC over all pixels of all images (defective = positive); NaN when only one class is present."""
-    labels = _numpy(masks).astype(bool).ravel()
-    if labels.all() or not labels.any():
-        return float("nan")
-    return float(roc_auc_score(labels, _numpy(maps).astype(np.float64).ravel()))
+    return image_auroc(_numpy(masks).astype(bool), maps)
 
 
 def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:

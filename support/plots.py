@@ -33,10 +33,9 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, auroc: float, title: str, p
 def plot_score_hist(scores: np.ndarray, defects: list[str], title: str, path: Path) -> Path:
     """Anomaly-score histograms: good test images against each defect type."""
     frame = pd.DataFrame({"score": scores, "type": defects})
-    order = ["good"] + sorted(set(defects) - {"good"})
     ax = Figure(figsize=(6, 4)).subplots()
     bins = min(30, max(5, len(scores) // 3))
-    sns.histplot(frame, x="score", hue="type", hue_order=[o for o in order if o in set(defects)],
+    sns.histplot(frame, x="score", hue="type", hue_order=sorted(set(defects), key=lambda d: (d != "good", d)),
                  bins=bins, element="step", stat="count", common_norm=False, ax=ax)
     ax.set(title=title, xlabel="anomaly score (Mahalanobis distance)")
     return _save(ax.figure, path)
@@ -59,10 +58,8 @@ def plot_heatmap(image: np.ndarray, mask: np.ndarray | None, heatmap: np.ndarray
     fig = Figure(figsize=(9, 3.3))
     axes = fig.subplots(1, 3)
     axes[0].imshow(image)
-    if mask is None:
-        axes[1].imshow(np.zeros(image.shape[:2]), cmap="gray", vmin=0, vmax=1)
-    else:
-        axes[1].imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[1].imshow(np.zeros(image.shape[:2]) if mask is None else mask, cmap="gray", vmin=0, vmax=1,
+                   interpolation="nearest")
     axes[2].imshow(image)
     shown = axes[2].imshow(heatmap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
     if mask is not None and mask.any():

@@ -58,15 +58,14 @@ def graphs(args):
     torch.manual_seed(0)
     if args.checkpoint is not None:
         net, meta = export.scorer_from_checkpoint(checkpoints.read_checkpoint(args.checkpoint), args.checkpoint)
-        model, gaussian = net.model, density_lib.GaussianDensityTorch.from_state_dict(
-            {"mean": net.mean, "precision": net.precision})
+        model, state = net.model, {"mean": net.mean, "precision": net.precision}
     else:
         model = checkpoints.build_model(1, 2).eval()
-        gaussian = density_lib.GaussianDensityTorch.from_state_dict(
-            {"mean": density_lib.normalize(torch.randn(1, model.embed_dim))[0], "precision": torch.eye(model.embed_dim)})
+        state = {"mean": density_lib.normalize(torch.randn(1, model.embed_dim))[0],
+                 "precision": torch.eye(model.embed_dim)}
         meta = {"export_format": export.EXPORT_FORMAT, "category": "random", "size": args.size, "patch_size": 0,
                 "stride": 0}
-    cpu = torch.device("cpu")
+    gaussian, cpu = density_lib.GaussianDensityTorch.from_state_dict(state), torch.device("cpu")
     out = [("image", image_forward(model, gaussian, cpu, False, False),
             export.ImageScorer(model, gaussian.mean, gaussian.precision).eval(), meta)]
     runner = patches.Runner(model, cpu, progress=False)
@@ -128,8 +127,7 @@ def report(args, rows: list[dict]) -> str:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
+    images = export.example_batch(args.size, args.batch)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, eager, net, meta) in enumerate(graphs(args)):
