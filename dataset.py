@@ -341,6 +341,12 @@ class MVTecTrain:
         self.paths = list_train_images(root, category, layout)
         self.images = load_images(self.paths, size, workers)
 
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, idx):
+        return self.images[idx]
+
 
 class MVTecTest:
     """Test images: uint8 `images` (N, 3, S, S), `labels` (N,), `defects`, `masks` (N, S, S), all-zero for good
@@ -361,6 +367,9 @@ class MVTecTest:
 
     def __len__(self):
         return len(self.items)
+
+    def __getitem__(self, idx):
+        return self.images[idx], self.labels[idx], self.masks[idx]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
