@@ -4,7 +4,6 @@ A round, ribbed lid seen from above, with random shifts, lighting and noise. Its
 never draws (section 3.1 pastes rectangles): scratches, holes, stains and a missing wedge, so the demo measures
 detection of unseen defects, not recall of the training augmentation.
 """
-import argparse
 import math
 from pathlib import Path
 
@@ -101,25 +100,3 @@ def make_dataset(root: Path, category: str = DEMO_CATEGORY, size: int = 64, n_tr
             mask.point(lambda v: 255 if v > 127 else 0).save(cat_dir / "ground_truth" / kind / f"{i:03d}_mask.png")
     return cat_dir
 
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Write the synthetic demo category in the MVTec AD layout.")
-    parser.add_argument("--out", type=Path, default=Path("demo_data"), help="data root to write (default: demo_data)")
-    parser.add_argument("--category", type=str, default=DEMO_CATEGORY, help=f"category name (default: {DEMO_CATEGORY})")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
-    parser.add_argument("--n_train", type=int, default=60, help="clean training images (default: 60)")
-    parser.add_argument("--n_test_good", type=int, default=20, help="clean test images (default: 20)")
-    parser.add_argument("--n_test_per_defect", type=int, default=8, help="test images per defect kind (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    return parser
-
-
-def main():
-    args = get_args_parser().parse_args()
-    path = make_dataset(args.out, args.category, args.size, args.n_train, args.n_test_good,
-                        args.n_test_per_defect, args.seed)
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
