@@ -28,7 +28,8 @@ from support import checkpoints, patches
 from support import export as export_lib
 from support.errors import CutPasteError
 from support.options import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE, PREDICT_BATCH
-from support.runtime import bf16_supported, embed_images, keep_freed_memory, memory_format, resolve_device
+from support.runtime import (bf16_supported, default_channels_last, embed_images, keep_freed_memory, memory_format,
+                             resolve_device)
 
 ANOMALOUS, NORMAL, UNREADABLE = "anomalous", "normal", "error"
 FRAME_COLOURS = {ANOMALOUS: (220, 30, 30), NORMAL: (30, 180, 60)}
@@ -81,7 +82,7 @@ class Detector:
         if amp is None:
             amp = bool(ckpt["config"].get("amp", False)) and bf16_supported(dev)
         if channels_last is None:
-            channels_last = dev.type == "cuda" or amp
+            channels_last = default_channels_last(dev, amp)
         model = checkpoints.model_from_checkpoint(ckpt, path).to(dev, memory_format=memory_format(channels_last)).eval()
         density = checkpoints.density_from_checkpoint(ckpt, path, dev, patch_ok=True)
         size, patch = int(ckpt["size"]), int(ckpt.get("patch_size", 0))

@@ -10,11 +10,11 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from density import quantile_threshold
 from support import checkpoints, patches
 from support.errors import CutPasteError
 from support.options import DEFAULT_QUANTILE, EXPORT_FORMATS as FORMATS, PATCH_SCORE_STRIDE
@@ -87,7 +87,7 @@ def scorer_from_checkpoint(ckpt: dict, path: Path, stride: int | None = None) ->
             "category": ckpt["category"], "variant": ckpt["variant"], "size": size, "patch_size": patch,
             "stride": stride if patch else 0, "arch": ckpt["model"].get("arch", "resnet18"),
             "calibration_scores": scores, "calibration_source": source,
-            "threshold": float(np.quantile(scores, DEFAULT_QUANTILE)) if scores else None,
+            "threshold": quantile_threshold(torch.tensor(scores), DEFAULT_QUANTILE) if scores else None,
             "threshold_quantile": DEFAULT_QUANTILE}
     return net.eval(), meta
 

@@ -50,9 +50,14 @@ def choose(args, device: torch.device) -> None:
     if args.amp is None:
         args.amp = bf16_supported(device)
     if args.channels_last is None:
-        args.channels_last = device.type == "cuda" or args.amp
+        args.channels_last = default_channels_last(device, args.amp)
     if device.type == "cpu" and getattr(args, "keep_freed_memory", False):
         keep_freed_memory()
+
+
+def default_channels_last(device: torch.device, amp: bool) -> bool:
+    """The --channels_last default, also Detector.load's: on CUDA and with bf16, not for float32 on a CPU (choose)."""
+    return device.type == "cuda" or amp
 
 
 def describe(device: torch.device, amp: bool, channels_last: bool) -> str:
