@@ -46,6 +46,19 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return cov, shrinkage
 
 
+def squared_mahalanobis(embeds: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(f - mu)^T Sigma^-1 (f - mu) of embeddings (..., M, D) under mean (..., 1, D) or (D,) and precision
+    (..., D, D) -> (..., M): one Gaussian per leading index. The one Mahalanobis of the project, in matmuls that
+    every exporter takes."""
+    diff = embeds - mean
+    return ((diff @ precision) * diff).sum(dim=-1)
+
+
+def mahalanobis(embeds: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """The anomaly score of section 3.3: the square root of squared_mahalanobis, clamped at 0 against rounding."""
+    return squared_mahalanobis(embeds, mean, precision).clamp(min=0).sqrt()
+
+
 class GaussianDensityTorch:
     """Mean + Ledoit-Wolf precision, computed with torch on the embeddings' own device."""
 
@@ -60,8 +73,7 @@ class GaussianDensityTorch:
 
     def score(self, embeds: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N,) Mahalanobis distances; larger is more anomalous."""
-        diff = embeds.float() - self.mean
-        return torch.einsum("nd,de,ne->n", diff, self.precision, diff).clamp(min=0).sqrt()
+        return mahalanobis(embeds.float(), self.mean, self.precision)
 
     def state_dict(self) -> dict:
         return {"kind": self.name, "mean": self.mean.cpu(), "precision": self.precision.cpu()}
@@ -86,8 +98,8 @@ class GaussianDensitySklearn:
         return self
 
     def score(self, embeds: torch.Tensor) -> torch.Tensor:
-        sq = self.model.mahalanobis(embeds.detach().cpu().double().numpy())
-        return torch.from_numpy(sq).clamp(min=0).sqrt().float()
+        state = self.state_dict()
+        return mahalanobis(embeds.detach().float().cpu(), state["mean"], state["precision"])
 
     def state_dict(self) -> dict:
         return {"kind": self.name, "mean": torch.from_numpy(self.model.location_).float(),
@@ -95,11 +107,6 @@ class GaussianDensitySklearn:
 
 
 DENSITIES = {"torch": GaussianDensityTorch, "sklearn": GaussianDensitySklearn}
-
-
-def as_torch(density, device: torch.device | str | None = None) -> GaussianDensityTorch:
-    """The same Gaussian (mean, precision) as a GaussianDensityTorch on `device`, e.g. to differentiate through it."""
-    return GaussianDensityTorch.from_state_dict(density.state_dict(), device)
 
 
 def make_density(name: str):
@@ -165,13 +172,6 @@ class PatchGaussians:
 
     def __init__(self, kind: str = "torch", local: bool = False):
         self.kind, self.local = kind, local
-
-    @classmethod
-    def shared(cls, gaussian: GaussianDensityTorch) -> "PatchGaussians":
-        """One stored Gaussian for every position, e.g. a patch-level checkpoint's."""
-        out = cls(gaussian.name)
-        out.parts = [gaussian]
-        return out
 
     def fit(self, embeds: torch.Tensor, cells: torch.Tensor) -> "PatchGaussians":
         """embeds (N, D) normalised; cells (N,) location cell of each patch."""

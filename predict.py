@@ -16,7 +16,7 @@ from support.errors import run_main
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score images with a trained CutPaste checkpoint.",
-                                parents=[options.runtime_flags()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                parents=[options.runtime_flags(), options.inference_flags()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", type=str, nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a checkpoint (.tch), a file of export.py (.onnx, .xml, TorchScript; run on the CPU), or a "
@@ -39,8 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    from support import detector  # torch and friends load after parsing, so that --help answers at once
-    return detector.run(args)
+    from support import prediction  # torch and friends load after parsing, so that --help answers at once
+    return prediction.run(args)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,17 @@ def newest(model_dir: Path, wanted: list[str] | None) -> dict[str, tuple[Path, d
             print(f"note: {len(candidates)} checkpoints for {cat}; using the newest, {candidates[-1][0].name}")
         chosen[cat] = candidates[-1]
     return chosen
+
+
+def calibration(ckpt: dict, stride: int) -> tuple[list[float], str]:
+    """The clean training images' held-out scores (or their fallback) and what they are."""
+    held = ckpt.get("heldout_scores")
+    patch = ckpt.get("patch_size", 0)
+    if held is not None and held.numel() > 0:
+        if patch and int(ckpt.get("score_stride", 0)) != stride:
+            return [], (f"none: the held-out map maxima were scored at stride {ckpt.get('score_stride')}, this "
+                        f"run scores at {stride}")
+        return held.float().tolist(), "held-out clean training " + ("map maxima" if patch else "scores")
+    if patch:
+        return [], "none: a patch-level checkpoint from older code, without held-out map maxima"
+    return ckpt["train_scores"].float().tolist(), "in-sample clean training scores (older checkpoint)"

@@ -2,6 +2,7 @@
 (patches.py, gradcam.py) also pixel AUROC, PRO and heatmap figures."""
 import itertools
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,11 @@ import torch
 
 import dataset
 import density as density_lib
-from support import checkpoints, gradcam, metrics, patches, plots
+from support import checkpoints, gradcam, inference, metrics, plots
 from support.errors import CutPasteError
 from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS, PAPER_TABLE1, PAPER_TABLE2
-from support.runtime import choose, describe, embed_images, memory_format, resolve_device
+from support.runtime import embed_images, keep_freed_memory, resolve_device
+from support.scorer import Scorer, fit_scorer
 
 # Localization columns of the results tables (present when a category was localized) and their titles.
 PIXEL_COLUMNS = {"pixel_auroc": "pixel AUROC (%)", "pro": "PRO (%)",
@@ -64,50 +66,69 @@ def save_plots(out: Path, category: str, test_set, scores: np.ndarray, auroc: fl
                         out / "tsne.png")
 
 
-def load_model(args, ckpt: dict, path: Path, device: torch.device):
-    model = checkpoints.model_from_checkpoint(ckpt, path)
-    return model.to(device, memory_format=memory_format(args.channels_last)).eval()
+def inference_settings(args, ckpt: dict, device: torch.device) -> inference.Settings:
+    """How this checkpoint's Scorer runs here: --runtime, --amp and --channels_last, or inference.choose's defaults."""
+    return inference.choose(device, args.runtime, args.amp, args.channels_last, ckpt["model"].get("arch", "resnet18"),
+                            bool(ckpt["config"].get("amp", False)))
 
 
-def image_density(args, ckpt: dict, path: Path, model, train_u8: torch.Tensor | None, device: torch.device):
-    """The Gaussian of clean embeddings (section 3.3), the checkpoint's or refit, and the train scores (N,) on CPU."""
+def image_scorer(args, ckpt: dict, path: Path, train_u8: torch.Tensor | None, settings) -> tuple[Scorer, torch.Tensor]:
+    """The image-level Scorer (section 3.3) with the checkpoint's Gaussian or one refit on `train_u8` by --density,
+    and the clean training images' scores (N,) on the CPU."""
     if args.density == CHECKPOINT_DENSITY:
-        return checkpoints.density_from_checkpoint(ckpt, path, device), ckpt["train_scores"].float()
-    train_emb = embed_images(model, train_u8, device, args.amp, args.channels_last)
-    density, train_scores = density_lib.fit_and_score(train_emb, train_emb, args.density)
-    return density, train_scores.float().cpu()
+        return Scorer.from_checkpoint(ckpt, path), ckpt["train_scores"].float()
+    model = checkpoints.model_from_checkpoint(ckpt, path).to(settings.device)
+    return fit_scorer(model, train_u8, embedding_settings(settings), kind=args.density)
+
+
+def embedding_settings(settings):
+    """Fitting embeds in PyTorch: the settings' device, and its bf16 and memory format where it runs eager."""
+    return settings if settings.runtime == "eager" else inference.Settings(settings.device, "eager", False, True)
 
 
 def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch.device) -> dict:
     """Image scores: Mahalanobis distances, or for a patch-level model its anomaly maps' maxima (section 4.2)."""
-    model = load_model(args, ckpt, path, device)
     size, patch_size = ckpt["size"], ckpt.get("patch_size", 0)
     mode = resolve_mode(args.localization, patch_size, path)
+    settings = inference_settings(args, ckpt, device)
     test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers, args.layout)
-    needs_train = mode == "dense" or (not patch_size and args.density != CHECKPOINT_DENSITY)
+    needs_train = mode == "dense" or args.density != CHECKPOINT_DENSITY
     train_u8 = (dataset.MVTecTrain(args.data_dir, category, size, args.workers, args.layout).images
                 if needs_train else None)
-    density = test_emb = None
-    if not patch_size:
-        density, _ = image_density(args, ckpt, path, model, train_u8, device)
-        test_emb = embed_images(model, test_set.images, device, args.amp, args.channels_last)
-        scores = density.score(density_lib.normalize(test_emb))
-    maps, how = compute_maps(mode, category, model, train_u8, test_set.images, patch_size, args, device, density)
-    if patch_size:
-        scores = maps.amax(dim=(1, 2))
-    scores = scores.float().cpu().numpy()
+    scorer, patch_density = category_scorer(args, category, ckpt, path, train_u8, settings)
+    print(f"{category}: scoring with {settings.describe()}")
+    scores, own_maps = inference.runner(scorer, settings, progress=scorer.maps)(test_set.images)
+    maps = Maps(own_maps, "dense", patch_density) if scorer.maps else \
+        anomaly_maps(mode, category, ckpt, path, scorer, train_u8, test_set.images, args, settings)
+    scores = scores.numpy()
     auroc = metrics.image_auroc(test_set.labels, scores)
     print(f"{category} AUC: {auroc}")
     out = results_folder(args) / category
     if args.save_plots:
-        save_plots(out, category, test_set, scores, auroc, None if test_emb is None else test_emb.cpu().numpy())
+        test_emb = None if scorer.maps else test_embeddings(scorer, test_set.images, settings)
+        save_plots(out, category, test_set, scores, auroc, test_emb)
     row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
            "paper_image_auroc": float("nan") if patch_size else paper_value(PAPER_TABLE1, category, ckpt["variant"]),
            "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,
            "patch_size": patch_size}
     if maps is not None:
-        row.update(report(category, test_set, maps, how, out, bool(args.save_plots), args.max_heatmaps))
+        row.update(report(category, test_set, maps, out, bool(args.save_plots), args.max_heatmaps))
     return row
+
+
+def category_scorer(args, category: str, ckpt: dict, path: Path, train_u8, settings) -> tuple[Scorer, str]:
+    """The Scorer of a checkpoint as eval runs it: an image-level model's (image_scorer), or a patch-level model's
+    dense one with Gaussians refit on the clean patches (dense_scorer), and the latter's patch density."""
+    if ckpt.get("patch_size", 0):
+        return dense_scorer(args, category, ckpt, path, train_u8, settings)
+    return image_scorer(args, ckpt, path, train_u8, settings)[0], ""
+
+
+def test_embeddings(scorer: Scorer, images_u8: torch.Tensor, settings) -> np.ndarray:
+    """(N, D) embeddings of the test images for the t-SNE plot."""
+    eager = embedding_settings(settings)
+    return embed_images(scorer.model.to(eager.device), images_u8, eager.device, eager.amp,
+                        eager.channels_last).cpu().numpy()
 
 
 def _pct(value: float) -> str:
@@ -132,15 +153,14 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
 
 def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, device: torch.device):
     """One member's (train scores, test scores, test set); `data` caches the decoded images per image size."""
-    model = load_model(args, ckpt, path, device)
     size, refit = ckpt["size"], args.density != CHECKPOINT_DENSITY
     if size not in data or (refit and data[size][0] is None):
         train = dataset.MVTecTrain(args.data_dir, category, size, args.workers, args.layout).images if refit else None
         data[size] = (train, dataset.MVTecTest(args.data_dir, category, size, args.workers, args.layout))
     train_u8, test_set = data[size]
-    density, train_scores = image_density(args, ckpt, path, model, train_u8, device)
-    test_emb = embed_images(model, test_set.images, device, args.amp, args.channels_last)
-    return train_scores, density.score(density_lib.normalize(test_emb)).float().cpu(), test_set
+    settings = inference_settings(args, ckpt, device)
+    scorer, train_scores = image_scorer(args, ckpt, path, train_u8, settings)
+    return train_scores, inference.runner(scorer, settings)(test_set.images)[0], test_set
 
 
 def _common(values: list):
@@ -240,49 +260,69 @@ def use_local_density(patch_density: str, category: str) -> bool:
     return patch_density == "local" or (patch_density == "auto" and category in ALIGNED_CATEGORIES)
 
 
-def compute_maps(mode: str, category: str, model, train_u8: torch.Tensor | None, test_u8: torch.Tensor,
-                 patch_size: int, args, device: torch.device, density=None):
-    """Anomaly maps (N, H, W) for `mode` (None for 'none') and what made them; dense scoring fits its Gaussians on
-    `train_u8`, GradCAM's 'density' target is the image-level Gaussian `density`."""
-    info = {"localization": mode, "patch_density": ""}
+@dataclass(frozen=True)
+class Maps:
+    """Anomaly maps (N, H, W) of the test images and how they were made."""
+    maps: torch.Tensor
+    localization: str  # dense or gradcam
+    patch_density: str = ""  # dense: shared or local
+    gradcam_target: str = ""  # gradcam: density or logit
+
+    def describe(self) -> str:
+        if self.localization == "dense":
+            return f"dense, {self.patch_density} Gaussian"
+        return f"GradCAM of the {self.gradcam_target} score"
+
+
+def anomaly_maps(mode: str, category: str, ckpt: dict, path: Path, scorer: Scorer, train_u8, test_u8, args,
+                 settings) -> Maps | None:
+    """An image-level model's maps for --localization `mode` (None for none): GradCAM of its Scorer's score, or a
+    dense Scorer of its patches (section 4.2)."""
     if mode == "gradcam":
-        info["gradcam_target"] = args.gradcam_target
-        torch_density = None if density is None else density_lib.as_torch(density, device)  # differentiable
-        target = gradcam.gradcam_target(args.gradcam_target, torch_density)
-        return gradcam.gradcam_maps(model, test_u8, target, device, args.amp, args.channels_last), info
-    if mode == "dense":
-        local = use_local_density(args.patch_density, category)
-        info["patch_density"] = "local" if local else "shared"
-        runner = patches.Runner(model, device, args.amp, args.channels_last, args.patch_batch)
-        patch = dense_patch_size(patch_size, test_u8.shape[-1])
-        if args.stride > patch:
-            raise CutPasteError(f"--stride {args.stride} is larger than the {patch} px patches: pixels between them "
-                                f"would get no score; give --stride {patch} or less (paper: 4)")
-        kind = args.density if args.density in DENSITY_ESTIMATORS else "torch"  # patch Gaussians are refitted
-        return patches.dense_maps(runner, train_u8, test_u8, patch, args.stride, kind, local, args.cell_stride), info
-    return None, info
+        eager = embedding_settings(settings)
+        target = gradcam.gradcam_target(args.gradcam_target, scorer.prepare(eager.device, eager.channels_last))
+        maps = gradcam.gradcam_maps(scorer.model, test_u8, target, eager.device, eager.amp, eager.channels_last)
+        return Maps(maps, mode, gradcam_target=args.gradcam_target)
+    if mode != "dense":
+        return None
+    dense, patch_density = dense_scorer(args, category, ckpt, path, train_u8, settings)
+    return Maps(inference.runner(dense, settings, progress=True)(test_u8)[1], mode, patch_density)
 
 
-def report(category: str, test_set, maps: torch.Tensor, info: dict, out: Path, save_plots: bool,
-           max_heatmaps: int) -> dict:
+def dense_scorer(args, category: str, ckpt: dict, path: Path, train_u8, settings) -> tuple[Scorer, str]:
+    """A Scorer of the model's patches at --stride (the checkpoint's patch size, or a quarter of an image-level
+    model's images), its Gaussians fitted on the clean images' patches; and 'local' or 'shared'."""
+    local = use_local_density(args.patch_density, category)
+    patch = dense_patch_size(ckpt.get("patch_size", 0), int(ckpt["size"]))
+    if args.stride > patch:
+        raise CutPasteError(f"--stride {args.stride} is larger than the {patch} px patches: pixels between them "
+                            f"would get no score; give --stride {patch} or less (paper: 4)")
+    model = checkpoints.model_from_checkpoint(ckpt, path).to(settings.device)
+    kind = args.density if args.density in DENSITY_ESTIMATORS else "torch"  # patch Gaussians are refitted
+    scorer, _ = fit_scorer(model, train_u8, embedding_settings(settings), patch, args.stride, kind, local,
+                           args.cell_stride, args.patch_batch)
+    return scorer, "local" if local else "shared"
+
+
+def report(category: str, test_set, maps: Maps, out: Path, save_plots: bool, max_heatmaps: int) -> dict:
     """Pixel metrics (%), the image AUROC of the maps' maxima, and pixel_roc.png and heatmaps/ under `out`."""
     keep = scorable_images(test_set, category)
     masks = test_set.masks[keep]
-    masks_np, maps_np = masks.cpu().numpy().astype(bool), maps[keep].cpu().numpy()
+    masks_np, maps_np = masks.cpu().numpy().astype(bool), maps.maps[keep].cpu().numpy()
     scores = {"pixel_auroc": metrics.pixel_auroc(masks_np, maps_np), "pro": metrics.pro_score(masks_np, maps_np)}
-    mode = info["localization"]
-    row = {**info, "pixel_auroc": 100 * scores["pixel_auroc"], "pro": 100 * scores["pro"],
-           "paper_pixel_auroc": paper_value(PAPER_TABLE2, category, mode),
-           "map_image_auroc": 100 * metrics.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))}
-    how = {"dense": f"dense, {info['patch_density']} Gaussian",
-           "gradcam": f"GradCAM of the {info.get('gradcam_target')} score"}.get(mode, mode)
-    print(f"{category} pixel AUROC: {scores['pixel_auroc']:.4f}  PRO: {scores['pro']:.4f}  ({how})")
+    mode = maps.localization
+    row = {"localization": mode, "patch_density": maps.patch_density, "pixel_auroc": 100 * scores["pixel_auroc"],
+           "pro": 100 * scores["pro"], "paper_pixel_auroc": paper_value(PAPER_TABLE2, category, mode),
+           "map_image_auroc": 100 * metrics.image_auroc(test_set.labels, maps.maps.amax(dim=(1, 2)))}
+    if maps.gradcam_target:
+        row["gradcam_target"] = maps.gradcam_target
+    print(f"{category} pixel AUROC: {scores['pixel_auroc']:.4f}  PRO: {scores['pro']:.4f}  ({maps.describe()})")
     if save_plots:
         labels = masks.flatten().numpy()
         if 0 < labels.sum() < labels.size:
-            plots.plot_roc(labels, maps[keep].flatten().numpy(), scores["pixel_auroc"],
+            plots.plot_roc(labels, maps.maps[keep].flatten().numpy(), scores["pixel_auroc"],
                            f"{category}: pixel ROC ({mode})", out / "pixel_roc.png")
-        save_heatmaps(test_set, maps, out / "heatmaps", max_heatmaps)
+        save_heatmaps(test_set, maps.maps, out / "heatmaps", max_heatmaps)
     return row
 
 
@@ -303,8 +343,9 @@ def run(args) -> pd.DataFrame:
     """eval.py: evaluate every chosen category (or ensemble) and write the tables."""
     check_eval_args(args)
     device = resolve_device(args.device, args.cuda)
-    choose(args, device)
-    print(f"evaluating {args.model_dir} on {describe(device, args.amp, args.channels_last)}")
+    if device.type == "cpu" and args.keep_freed_memory:
+        keep_freed_memory()
+    print(f"evaluating {args.model_dir} on {device}")
     wanted = None if args.type == "all" else dataset.resolve_categories(args.data_dir, args.type, args.layout)
     # --ensemble: one ensemble of every checkpoint per category in --model_dir
     chosen = (checkpoints.by_category if args.ensemble else checkpoints.newest)(args.model_dir, wanted)

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import density as density_lib
+
 from support.errors import CutPasteError
 from support.runtime import autocast, memory_format
 
@@ -16,11 +17,12 @@ def augmented_log_odds(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
 
 
-def density_target(density: density_lib.GaussianDensityTorch):
-    """GradCAM target 'density': the detector's score, (f - mu)^T Sigma^-1 (f - mu) / 2 (section 2.3, equation 2)."""
+def density_target(scorer):
+    """GradCAM target 'density': the image-level Scorer's Gaussian as a negative log-density,
+    (f - mu)^T Sigma^-1 (f - mu) / 2 (section 2.3, equation 2), of the L2-normalised embeddings f."""
     def target(embeds: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        diff = density_lib.normalize(embeds) - density.mean
-        return 0.5 * torch.einsum("nd,de,ne->n", diff, density.precision, diff)
+        normed = F.normalize(embeds, p=2, dim=1)
+        return 0.5 * density_lib.squared_mahalanobis(normed, scorer.mean[0], scorer.precision[0])
     return target
 
 
@@ -63,10 +65,11 @@ def gradcam_maps(model, images_u8: torch.Tensor, target, device: torch.device, a
     return torch.cat(maps)
 
 
-def gradcam_target(name: str, density: density_lib.GaussianDensityTorch | None = None):
-    """--gradcam_target: 'density' (the detector's Gaussian of the clean training embeddings) or 'logit'."""
+def gradcam_target(name: str, scorer=None):
+    """--gradcam_target: 'density' (the image-level Scorer's score, from the Gaussian of the clean training
+    embeddings) or 'logit'."""
     if name == "logit":
         return augmented_log_odds
-    if density is None:
-        raise ValueError("GradCAM target 'density' needs the image-level Gaussian")
-    return density_target(density)
+    if scorer is None or scorer.maps:
+        raise ValueError("GradCAM target 'density' needs an image-level Scorer")
+    return density_target(scorer)

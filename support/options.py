@@ -38,6 +38,7 @@ DENSITY_ESTIMATORS = ("torch", "sklearn")
 DEFAULT_QUANTILE = 0.99
 PREDICT_BATCH = 64
 EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
+RUNTIMES = ("auto", "eager", "onnxruntime", "openvino")
 # reproduce.py's figures: the earlier reimplementation's bar charts start the AUROC axis at 40 %, so that differences
 # between 90 and 100 stay readable; the training curves are moving averages of this many logged points.
 FIGURES_Y_MIN = 40.0
@@ -86,14 +87,24 @@ def runtime_flags() -> argparse.ArgumentParser:
     p.add_argument("--cuda", type=str, default=None, help="legacy: --cuda 1 means --device cuda")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast; default (None): on where the device runs bf16 natively (CUDA, CPUs with "
-                        "AVX512-BF16 or AMX)")
+                        "AVX512-BF16 or AMX); for scoring only with --runtime eager")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format; default (None): on with CUDA or bf16, where it is faster, "
-                        "off for float32 on a CPU, where neither wins everywhere (doc/performance.md)")
+                   help="channels-last memory format; default (None): training uses it with CUDA or bf16 and NCHW "
+                        "for float32 on a CPU; eager scoring uses it everywhere (doc/performance.md)")
     p.add_argument("--workers", type=int, default=4, help="threads that decode images (0: the main thread)")
     p.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, have glibc's malloc keep freed memory for the next batch instead of mapping "
                         "fresh pages (faster steps for about 0.5 GB more memory)")
+    return p
+
+
+def inference_flags() -> argparse.ArgumentParser:
+    """How eval.py and predict.py run the scoring graph (support/inference.py)."""
+    p = _parser()
+    p.add_argument("--runtime", type=str, choices=RUNTIMES, default="auto",
+                   help="what runs the scoring graph: eager PyTorch, or its ONNX graph in onnxruntime or openvino "
+                        "(CPU, float32, scores within 1e-4 of eager float32); auto: onnxruntime on a CPU, unless "
+                        "--amp or --channels_last is given or the backbone does not export, else eager")
     return p
 
 
@@ -201,7 +212,8 @@ def eval_flags() -> argparse.ArgumentParser:
 
 def eval_parser(description: str = "Evaluate CutPaste checkpoints on the test sets.") -> argparse.ArgumentParser:
     """eval.py's flags (reproduce.py evaluates its runs with the same parser)."""
-    return _parser(description, [data_flags(), eval_flags(), localization_flags(), runtime_flags()])
+    return _parser(description, [data_flags(), eval_flags(), localization_flags(), runtime_flags(),
+                                 inference_flags()])
 
 
 def export_flags() -> argparse.ArgumentParser:

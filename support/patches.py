@@ -83,8 +83,9 @@ def nearest_cells(height: int, width: int, patch: int, stride: int, cell_stride:
 
 
 @dataclass(frozen=True)
-class Runner:
-    """How patches go through the network; `progress=False` for a caller with a progress bar of its own."""
+class PatchEmbedder:
+    """Embeds crops of uint8 images in batches (no gradients): the clean patches the Gaussians are fitted on.
+    `progress=False` for a caller with a progress bar of its own."""
     model: torch.nn.Module
     device: torch.device
     amp: bool = False
@@ -93,8 +94,8 @@ class Runner:
     progress: bool = True
 
     @torch.inference_mode()
-    def over_crops(self, images_u8: torch.Tensor, crops, patch: int, reduce, desc: str = "patches"):
-        """torch.cat of reduce(embeddings (B, D) float32, slice of `crops`) over `crops` = (image, top, left)."""
+    def embed(self, images_u8: torch.Tensor, crops, patch: int, desc: str = "patches") -> torch.Tensor:
+        """(B, D) L2-normalised float32 embeddings of `crops` = (image, top, left) index tensors, on the device."""
         was_training = self.model.training
         self.model.eval()
         images = images_u8.to(self.device)
@@ -107,42 +108,32 @@ class Runner:
             x = apply_crops(images, img[part], top[part], left[part], patch)
             with autocast(self.device, self.amp):
                 embeds = self.model.embed(x.float().div_(255).contiguous(memory_format=fmt))
-            out.append(reduce(embeds.float(), part))
+            out.append(density_lib.normalize(embeds))
         self.model.train(was_training)
         return torch.cat(out)
 
 
-def embed_cells(runner: Runner, train_u8: torch.Tensor, patch: int, cell_stride: int = CELL_STRIDE):
-    """(normalised embeddings, image index, cell index) of the cell_crops of the clean images."""
+@dataclass(frozen=True)
+class CellPatches:
+    """Normalised embeddings (M, D) of clean training patches, each patch's image (M,) and location cell (M,)."""
+    embeds: torch.Tensor
+    image: torch.Tensor
+    cell: torch.Tensor
+
+
+def embed_cells(embedder: PatchEmbedder, train_u8: torch.Tensor, patch: int,
+                cell_stride: int = CELL_STRIDE) -> CellPatches:
+    """The cell_crops of the clean images, embedded: what the patch Gaussians are fitted on."""
     n, _, h, w = train_u8.shape
     img, top, left, cells = cell_crops(n, h, w, patch, cell_stride)
-    embeds = runner.over_crops(train_u8, (img, top, left), patch, lambda e, _: density_lib.normalize(e),
-                               desc="embed training patches")
-    return embeds, img, cells.to(embeds.device)
+    embeds = embedder.embed(train_u8, (img, top, left), patch, desc="embed training patches")
+    return CellPatches(embeds, img, cells.to(embeds.device))
 
 
-def fit_patch_density(runner: Runner, train_u8: torch.Tensor, patch: int, kind: str = "torch",
-                      local: bool = False, cell_stride: int = CELL_STRIDE, fitted=None):
-    """PatchGaussians fitted on cell_crops of the clean images (`fitted`: embed_cells' result, when already made),
-    and each image's largest patch score (N,)."""
-    embeds, _, cells = fitted or embed_cells(runner, train_u8, patch, cell_stride)
-    density = density_lib.PatchGaussians(kind, local).fit(embeds, cells)
-    return density, density.score(embeds, cells).view(len(train_u8), -1).amax(dim=1)
-
-
-def score_grids(runner: Runner, density: "density_lib.PatchGaussians", images_u8: torch.Tensor, patch: int, stride: int,
-                cell_stride: int = CELL_STRIDE) -> torch.Tensor:
-    """Patch scores (N, rows, cols) float32 on the CPU, each by its nearest cell's Gaussian (or the shared one)."""
-    n, _, h, w = images_u8.shape
-    cell_of = nearest_cells(h, w, patch, stride, cell_stride).to(runner.device)
-
-    def reduce(embeds, part):
-        where = torch.arange(part.start, part.stop, device=runner.device) % len(cell_of)
-        return density.score(density_lib.normalize(embeds), cell_of[where]).cpu()
-
-    scores = runner.over_crops(images_u8, grid_crops(n, h, w, patch, stride), patch, reduce,
-                               desc="score test patches")
-    return scores.view(n, len(patch_positions(h, patch, stride)), len(patch_positions(w, patch, stride)))
+def fit_patch_density(fitted: CellPatches, n_images: int, kind: str = "torch", local: bool = False):
+    """PatchGaussians fitted on the clean patches, and each training image's largest patch score (n_images,)."""
+    density = density_lib.PatchGaussians(kind, local).fit(fitted.embeds, fitted.cell)
+    return density, density.score(fitted.embeds, fitted.cell).view(n_images, -1).amax(dim=1)
 
 
 def receptive_field_weights(size: int, starts: torch.Tensor, patch: int, sigma: float = SMOOTHING_SIGMA):
@@ -152,41 +143,36 @@ def receptive_field_weights(size: int, starts: torch.Tensor, patch: int, sigma: 
     return torch.exp(-((pix - lo - (patch - 1) / 2) ** 2) / (2 * sigma ** 2)) * inside
 
 
-def upsample_scores(grids: torch.Tensor, height: int, width: int, patch: int, stride: int,
-                    sigma: float = SMOOTHING_SIGMA) -> torch.Tensor:
-    """Receptive-field upsampling (FCDD; section 4.2) of (N, rows, cols) to (N, height, width): a transposed
-    convolution with a Gaussian over each patch, divided by that of ones (a weighted mean per pixel)."""
-    wy = receptive_field_weights(height, patch_positions(height, patch, stride), patch, sigma)
-    wx = receptive_field_weights(width, patch_positions(width, patch, stride), patch, sigma)
-    num = wy @ grids.double() @ wx.T
-    den = wy @ torch.ones(grids.shape[1:], dtype=torch.float64) @ wx.T
-    return (num / den).float()
+class ReceptiveFieldUpsample(torch.nn.Module):
+    """Receptive-field upsampling (FCDD; section 4.2) of patch scores (N, rows, cols) to maps (N, height, width): a
+    transposed convolution with a Gaussian over each patch, divided by that of ones, i.e. a weighted mean per pixel,
+    wy @ g @ wx.T / (wy @ 1 @ wx.T), which is wy' @ g @ wx'.T with each weight row normalised."""
+
+    def __init__(self, height: int, width: int, patch: int, stride: int, sigma: float = SMOOTHING_SIGMA):
+        super().__init__()
+        for name, side in (("wy", height), ("wx", width)):
+            weights = receptive_field_weights(side, patch_positions(side, patch, stride), patch, sigma)
+            self.register_buffer(name, (weights / weights.sum(dim=1, keepdim=True)).float(), persistent=False)
+
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        return self.wy @ grids @ self.wx.T
 
 
-def dense_maps(runner: Runner, train_u8: torch.Tensor, test_u8: torch.Tensor, patch: int, stride: int,
-               kind: str = "torch", local: bool = False, cell_stride: int = CELL_STRIDE) -> torch.Tensor:
-    """Anomaly maps (N, H, W): fit on clean patches, score every test patch at `stride`, upsample."""
-    density, _ = fit_patch_density(runner, train_u8, patch, kind, local, cell_stride)
-    grids = score_grids(runner, density, test_u8, patch, stride, cell_stride)
-    return upsample_scores(grids, test_u8.shape[2], test_u8.shape[3], patch, stride)
-
-
-def heldout_map_maxima(runner: Runner, train_u8: torch.Tensor, patch: int, stride: int, fitted,
-                       folds: int = density_lib.HELDOUT_FOLDS) -> torch.Tensor:
-    """(N,) each clean image's dense-map maximum at `stride` under a shared patch Gaussian fitted, on embed_cells'
-    `fitted` patches, without its fold (empty if N < 3): predict.py's threshold for a patch-level model, as
-    heldout_scores is for an image-level one."""
+def heldout_map_maxima(embedder: PatchEmbedder, train_u8: torch.Tensor, patch: int, stride: int,
+                       fitted: CellPatches, folds: int = density_lib.HELDOUT_FOLDS) -> torch.Tensor:
+    """(N,) each clean image's dense-map maximum at `stride` under a shared patch Gaussian fitted, on the `fitted`
+    patches, without its fold (empty if N < 3): predict.py's threshold for a patch-level model, as heldout_scores
+    is for an image-level one."""
     n, _, h, w = train_u8.shape
     if n < 3:
         return torch.empty(0)
-    fit, img = fitted[0].cpu(), fitted[1]
-    grid = runner.over_crops(train_u8, grid_crops(n, h, w, patch, stride), patch,
-                             lambda e, _: density_lib.normalize(e).cpu(), desc="score held-out patches")
+    fit, img = fitted.embeds.cpu(), fitted.image
+    grid = embedder.embed(train_u8, grid_crops(n, h, w, patch, stride), patch, desc="score held-out patches").cpu()
     rows, cols = len(patch_positions(h, patch, stride)), len(patch_positions(w, patch, stride))
     grid = grid.view(n, rows * cols, -1)
+    upsample = ReceptiveFieldUpsample(h, w, patch, stride)
 
     def score_fold(held):
         gaussian = density_lib.make_density("torch").fit(fit[~held[img]])
-        scores = gaussian.score(grid[held].flatten(0, 1)).view(-1, rows, cols)
-        return upsample_scores(scores, h, w, patch, stride).amax(dim=(1, 2))
+        return upsample(gaussian.score(grid[held].flatten(0, 1)).view(-1, rows, cols)).amax(dim=(1, 2))
     return density_lib.heldout(n, score_fold, folds)

@@ -43,21 +43,16 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def choose(args, device: torch.device) -> None:
-    """Fill args.amp and args.channels_last where None (auto) for `device`; on the CPU keep freed memory if asked.
-
-    bf16 where native; channels-last on CUDA and with bf16 (oneDNN's blocked kernels), but NCHW for float32 on a CPU
-    (channels-last was 10 % slower at 256 px on one AVX2 CPU, 10 % faster at 64 px on another, doc/performance.md)."""
+    """Training's settings: fill args.amp and args.channels_last where None (auto) for `device`; on the CPU keep
+    freed memory if asked. bf16 where native; channels-last on CUDA and with bf16 (oneDNN's blocked kernels), NCHW
+    for the float32 training step on a CPU, where neither format wins on every CPU (doc/performance.md).
+    Inference chooses apart (inference.choose)."""
     if args.amp is None:
         args.amp = bf16_supported(device)
     if args.channels_last is None:
-        args.channels_last = default_channels_last(device, args.amp)
+        args.channels_last = device.type == "cuda" or args.amp
     if device.type == "cpu" and getattr(args, "keep_freed_memory", False):
         keep_freed_memory()
-
-
-def default_channels_last(device: torch.device, amp: bool) -> bool:
-    """The --channels_last default, also Detector.load's: on CUDA and with bf16, not for float32 on a CPU (choose)."""
-    return device.type == "cuda" or amp
 
 
 def describe(device: torch.device, amp: bool, channels_last: bool) -> str:
@@ -73,8 +68,8 @@ def describe(device: torch.device, amp: bool, channels_last: bool) -> str:
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for the next step instead of unmapping it; False without glibc.
 
-    Pays on the CPU: the float32 256 px step went from 4.3 to about 6 images/s on a 2-core AVX2 EPYC
-    (doc/performance.md). Otherwise every step faults its activations in again; costs about 0.5 GB resident."""
+    Otherwise every CPU step faults its activations in again (doc/performance.md has the gain); costs about
+    0.5 GB resident."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, TypeError, AttributeError):  # no process-wide C library handle, or no mallopt in it

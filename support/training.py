@@ -16,10 +16,11 @@ import dataset
 import density as density_lib
 from cutpaste import VARIANT_CLASSES, make_batch
 from model import backbone_names
-from support import checkpoints, cudagraphs, distributed, metrics, patches, records, runstate
+from support import checkpoints, cudagraphs, distributed, inference, metrics, patches, records, runstate
 from support.errors import CutPasteError
 from support.options import MIN_PATCH_SIZE, PATCH_SCORE_STRIDE
 from support.runtime import choose, describe, embed_images, make_generator, memory_format, resolve_device
+from support.scorer import fit_scorer
 
 # Section 4.1: SGD with momentum 0.9, weight decay 3e-5 (the paper's lr, 0.03, is --lr's default).
 SGD_MOMENTUM = 0.9
@@ -84,14 +85,13 @@ def flush_scalars(writer, pending: list, category: str) -> float:
 
 
 def test_auroc(model, train_u8, test_set, device, args) -> float:
-    """Image AUROC on the test set with a density fitted on the clean training images (monitoring only)."""
-    if args.patch_size:  # maximum of a coarse anomaly map, to keep monitoring cheap
-        runner = patches.Runner(model, device, args.amp, args.channels_last)
-        maps = patches.dense_maps(runner, train_u8, test_set.images, args.patch_size, MONITOR_STRIDE)
-        return metrics.image_auroc(test_set.labels, maps.amax(dim=(1, 2)))
-    train_emb = embed_images(model, train_u8, device, args.amp, args.channels_last)
-    test_emb = embed_images(model, test_set.images, device, args.amp, args.channels_last)
-    _, scores = density_lib.fit_and_score(train_emb, test_emb)
+    """Image AUROC on the test set by a Scorer fitted on the clean training images (monitoring only); a patch-level
+    model at a coarse stride, to keep monitoring cheap."""
+    was_training = model.training
+    settings = inference.Settings(device, "eager", args.amp, args.channels_last)
+    scorer, _ = fit_scorer(model, train_u8, settings, args.patch_size, MONITOR_STRIDE)
+    scores = inference.runner(scorer, settings)(test_set.images.cpu())[0]
+    model.train(was_training)
     return metrics.image_auroc(test_set.labels, scores)
 
 
@@ -162,10 +162,10 @@ def finish_category(run: Run, train_u8: torch.Tensor) -> Path:
     model.freeze_backbone(False)
     extra = {}
     if args.patch_size:  # the Gaussian of a patch-level model is fitted on patches of the clean images
-        runner = patches.Runner(model, device, args.amp, args.channels_last)
-        fitted = patches.embed_cells(runner, train_u8, args.patch_size)
-        density, train_scores = patches.fit_patch_density(runner, train_u8, args.patch_size, fitted=fitted)
-        extra["heldout_scores"] = patches.heldout_map_maxima(runner, train_u8, args.patch_size, PATCH_SCORE_STRIDE,
+        embedder = patches.PatchEmbedder(model, device, args.amp, args.channels_last)
+        fitted = patches.embed_cells(embedder, train_u8, args.patch_size)
+        density, train_scores = patches.fit_patch_density(fitted, len(train_u8))
+        extra["heldout_scores"] = patches.heldout_map_maxima(embedder, train_u8, args.patch_size, PATCH_SCORE_STRIDE,
                                                              fitted)
         extra["score_stride"] = PATCH_SCORE_STRIDE  # predict.py scores at the stride its threshold comes from
     else:

@@ -14,6 +14,7 @@ from support import evaluation, gradcam, patches
 import run_training
 from support.errors import CutPasteError
 from support.runtime import embed_images
+from support.scorer import Scorer
 
 
 def gen(seed=0):
@@ -36,7 +37,7 @@ def test_one_hot_patch_peaks_at_its_centre(size, patch, stride, cell, tol):
     pos = patches.patch_positions(size, patch, stride)
     grid = torch.zeros(1, len(pos), len(pos))
     grid[0, cell[0], cell[1]] = 1.0
-    up = patches.upsample_scores(grid, size, size, patch, stride)[0]
+    up = patches.ReceptiveFieldUpsample(size, size, patch, stride)(grid)[0]
     assert up.shape == (size, size)
     top, left = int(pos[cell[0]]), int(pos[cell[1]])
     # The patch centre is at top + (patch - 1) / 2, between the two middle pixels of the patch. Where the
@@ -57,18 +58,18 @@ def test_pixels_seen_by_one_patch_only_take_its_score():
     pos = patches.patch_positions(100, 32, 12)  # ..., 60, 68: rows and columns 92-99 lie in the last patch only
     grid = torch.zeros(1, len(pos), len(pos))
     grid[0, -1, -1] = 2.0
-    up = patches.upsample_scores(grid, 100, 100, 32, 12)[0]
+    up = patches.ReceptiveFieldUpsample(100, 100, 32, 12)(grid)[0]
     assert torch.allclose(up[92:, 92:], torch.tensor(2.0)) and up[:68].abs().max() == 0
 
 
 def test_upsampling_is_a_weighted_mean():
     grid = torch.full((2, 7, 7), 3.0)
-    up = patches.upsample_scores(grid, 64, 64, 16, 8)
+    up = patches.ReceptiveFieldUpsample(64, 64, 16, 8)(grid)
     assert torch.allclose(up, torch.full_like(up, 3.0))
     ramp = torch.arange(7.0).view(1, 1, 7).expand(1, 7, 7)
-    up = patches.upsample_scores(ramp, 64, 64, 16, 8)[0]
+    up = patches.ReceptiveFieldUpsample(64, 64, 16, 8)(ramp)[0]
     assert (up[:, 1:] >= up[:, :-1] - 1e-6).all(), "monotone scores stay monotone"
-    assert up.min() >= 0 and up.max() <= 6
+    assert up.min() >= 0 and up.max() <= 6 * (1 + 1e-6), "within the scores' range, to float32's rounding"
 
 
 def test_grid_and_cell_crops():
@@ -133,10 +134,15 @@ def _tiny_model():
 def test_score_grid_order_matches_direct_scoring(local):
     model = _tiny_model()
     images = (torch.rand(3, 3, 40, 40, generator=gen(5)) * 255).to(torch.uint8)
-    runner = patches.Runner(model, torch.device("cpu"), batch=7)
-    dens, train_max = patches.fit_patch_density(runner, images, 16, local=local, cell_stride=12)
+    embedder = patches.PatchEmbedder(model, torch.device("cpu"), batch=7)
+    fitted = patches.embed_cells(embedder, images, 16, cell_stride=12)
+    dens, train_max = patches.fit_patch_density(fitted, 3, local=local)
     assert train_max.shape == (3,) and len(dens.parts) == (9 if local else 1)
-    grids = patches.score_grids(runner, dens, images, 16, 4, cell_stride=12)
+    state = dens.state_dict()
+    cell_of = patches.nearest_cells(40, 40, 16, 4, 12) if local else None
+    scorer = Scorer(model, state["mean"], state["precision"], 40, 16, 4, cell_of, patch_batch=7)
+    with torch.inference_mode():
+        grids = scorer.distances(scorer.embed(images)).view(3, 7, 7)
     pos = patches.patch_positions(40, 16, 4)  # 0, 4, ..., 24; cells at 0, 12, 24
     assert grids.shape == (3, len(pos), len(pos))
     for n, i, j, cell in [(0, 0, 0, 0), (1, 2, 4, 4), (1, 4, 1, 3), (2, 6, 6, 8)]:
@@ -154,7 +160,7 @@ def test_gradcam_maps_shape_and_sign(target):
     cpu = torch.device("cpu")
     gauss = density.GaussianDensityTorch().fit(density.normalize(embed_images(model, images[:3], cpu, False,
                                                                                      False)))
-    fn = gradcam.gradcam_target(target, gauss)
+    fn = gradcam.gradcam_target(target, Scorer(model, gauss.mean, gauss.precision, 64))
     maps = gradcam.gradcam_maps(model, images, fn, cpu, False, False, batch=2)
     assert maps.shape == (5, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0
     assert not model.training and not model.resnet18.layer4._forward_hooks, "mode kept, hook removed"
@@ -186,10 +192,11 @@ def test_targets():
     assert gradcam.augmented_log_odds(None, torch.tensor([[2.0, 0.0]])).item() == pytest.approx(-2.0)
     three = torch.tensor([[0.0, 1.0, 1.0]])
     assert gradcam.augmented_log_odds(None, three).item() == pytest.approx(1.0 + torch.log(torch.tensor(2.0)).item())
-    gauss = density.GaussianDensityTorch()
-    gauss.mean, gauss.precision = torch.tensor([1.0, 0.0]), torch.eye(2) * 4
-    # normalize([0, 3]) = [0, 1]; diff = [-1, 1]; 0.5 * 4 * 2 = 4
-    assert gradcam.density_target(gauss)(torch.tensor([[0.0, 3.0]]), None).item() == pytest.approx(4.0)
+    mean, embeds = torch.zeros(512), torch.zeros(1, 512)
+    mean[0], embeds[0, 1] = 1.0, 3.0
+    scorer = Scorer(_tiny_model(), mean, torch.eye(512) * 4, 32)
+    # normalize(3 e_1) = e_1; diff = e_1 - e_0; 0.5 * 4 * 2 = 4
+    assert gradcam.density_target(scorer)(embeds, None).item() == pytest.approx(4.0)
 
 
 def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
@@ -201,8 +208,7 @@ def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
     assert keep.sum() == len(test_set) - 1 and "no usable mask" in str(caught[0].message)
     maps = test_set.masks.float() + 0.1 * torch.rand(test_set.masks.shape, generator=gen(7))
     with pytest.warns(UserWarning, match="no usable mask"):
-        row = evaluation.report("lid", test_set, maps, {"localization": "dense", "patch_density": "shared"}, tmp_path,
-                         True, 3)
+        row = evaluation.report("lid", test_set, evaluation.Maps(maps, "dense", "shared"), tmp_path, True, 3)
     assert row["pixel_auroc"] == pytest.approx(100.0) and row["pro"] == pytest.approx(100.0)
     assert (tmp_path / "pixel_roc.png").stat().st_size > 1000
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 3

@@ -10,12 +10,12 @@ from PIL import Image
 import dataset
 import density
 import predict
-from support import detector
+from support import prediction
 from support.detector import Detector
 import run_training
 from support.checkpoints import CHECKPOINT_FORMAT
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE
+from support.options import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
 
 
 def train_lid(out: Path, mvtec_root: Path, *extra) -> Path:
@@ -99,25 +99,21 @@ def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_che
     assert scored["threshold"].iloc[0] == pytest.approx(det.threshold(DEFAULT_QUANTILE))
     printed = capsys.readouterr()
     assert "zz_truncated.png" in printed.err and "accuracy: " in printed.out
-    report = detector.truth_report(results)
+    report = prediction.truth_report(results)
     assert report["images"] == n_test and report["true_negatives"] + report["false_positives"] == 4
     overlays = sorted(p.relative_to(tmp_path / "overlays").as_posix() for p in (tmp_path / "overlays").rglob("*.*"))
     assert len(overlays) == n_test and "good/000.png.overlay.png" in overlays and "hole/000.png.overlay.png" in overlays
 
 
-def test_explicit_threshold_and_heatmap_hook(tmp_path, lid_checkpoint, mvtec_root):
+def test_explicit_threshold_and_heatmap_overlay(tmp_path, lid_checkpoint, mvtec_root):
     paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")][:4]
     det = Detector.load(lid_checkpoint, device="cpu")
     middle = float(det.score(paths).median())
     labels = [r.label for r in det.predict(paths, middle)]
     assert labels.count("anomalous") == 2 and labels.count("normal") == 2
-    hot = Detector.load(lid_checkpoint, device="cpu",
-                                heatmap=lambda d, imgs: torch.linspace(0, 1, 32).repeat(imgs.shape[0], 32, 1))
-    maps = hot.heatmaps(paths)
-    assert maps.shape == (4, 32, 32)
     image = dataset.load_image(paths[0], 32)
-    plain = detector.overlay_image(image, "normal", 1.0, 2.0)
-    blended = detector.overlay_image(image, "normal", 1.0, 2.0, maps[0])
+    plain = prediction.overlay_image(image, "normal", 1.0, 2.0)
+    blended = prediction.overlay_image(image, "normal", 1.0, 2.0, torch.linspace(0, 1, 32).repeat(32, 1))
     assert plain.size == blended.size == (32, 32) and plain.tobytes() != blended.tobytes()
 
 
@@ -169,7 +165,7 @@ def patch_checkpoint(tmp_path_factory, mvtec_root) -> Path:
 
 def test_patch_model_scores_by_its_map_and_calibrates_on_held_out_maxima(tmp_path, patch_checkpoint, mvtec_root):
     ckpt = torch.load(patch_checkpoint, weights_only=True)
-    assert ckpt["heldout_scores"].shape == (16,) and ckpt["score_stride"] == detector.PATCH_SCORE_STRIDE
+    assert ckpt["heldout_scores"].shape == (16,) and ckpt["score_stride"] == PATCH_SCORE_STRIDE
     det = Detector.load(patch_checkpoint, device="cpu")
     assert det.calibration_source == "held-out clean training map maxima"
     assert det.threshold(1.0) == pytest.approx(float(ckpt["heldout_scores"].max()))
@@ -180,7 +176,7 @@ def test_patch_model_scores_by_its_map_and_calibrates_on_held_out_maxima(tmp_pat
     predict.main([str(mvtec_root / "lid" / "test"), "--checkpoint", str(patch_checkpoint), "--out",
                   str(tmp_path / "p.csv"), "--overlay_dir", str(tmp_path / "ov"), "--device", "cpu"])
     overlay = Image.open(tmp_path / "ov" / "good" / "000.png.overlay.png")
-    plain = detector.overlay_image(dataset.load_image(paths[0], 48), "normal", 0.0, 1.0)
+    plain = prediction.overlay_image(dataset.load_image(paths[0], 48), "normal", 0.0, 1.0)
     assert overlay.size == (48, 48) and overlay.tobytes() != plain.tobytes(), "the heatmap is drawn"
     del ckpt["heldout_scores"]
     older = tmp_path / "older.tch"

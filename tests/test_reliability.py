@@ -249,6 +249,6 @@ def test_nan_weights_are_refused_at_load(tmp_path, lid_model):
 
 
 def test_the_truth_from_folders_knows_every_layouts_clean_folder():
-    from support.detector import folder_truth
+    from support.prediction import folder_truth
     assert [folder_truth(p) for p in ("a/test/good/1.png", "v/Data/Images/Normal/1.JPG", "a/test/crack/1.png",
                                       "v/Data/Images/Anomaly/1.JPG", "b/test_public/bad/1.png")] == [0, 0, 1, 1, 1]

@@ -7,8 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-import bench_export  # noqa: E402
-import bench_localization  # noqa: E402
+import bench_inference  # noqa: E402
 import benchmark  # noqa: E402
 import eval as eval_script  # noqa: E402
 
@@ -45,26 +44,17 @@ def test_benchmark_writes_its_table(tmp_path, mvtec_root, monkeypatch):
         assert f"| {key} |" in text, key
 
 
-def test_bench_export_times_every_runtime_on_the_same_images(tmp_path):
-    out = tmp_path / "export.md"
-    # The dense graphs' equality to eager scoring is tests/test_export.py's; here the image graph keeps it short.
-    rows = bench_export.main(["--size", "64", "--strides", "", "--batch", "2", "--iters", "1", "--warmup", "0",
-                              "--out", str(out)])
-    runtimes = ["PyTorch (eager)", "ONNX Runtime", "OpenVINO", "TorchScript"]
-    assert [(r["measurement"], r["runtime"]) for r in rows] == [("image", rt) for rt in runtimes]
-    assert all(r["batch 1: ms"] > 0 and r["max relative difference to eager"] < 1e-4 for r in rows)
+def test_bench_inference_times_every_runtime_on_the_same_graphs(tmp_path, capsys):
+    out = tmp_path / "inference.md"
+    rows = bench_inference.main(["--size", "32", "--patch_size", "16", "--stride", "8", "--batch", "2",
+                                 "--patch_batch", "4", "--iters", "1", "--device", "cpu", "--out", str(out)])
+    names = [r["runtime"] for r in rows]
+    assert names[:2] == ["eager NCHW float32", "eager channels-last float32"] and names[-2:] == [
+        "onnxruntime float32", "openvino float32"]
+    for row in rows:
+        assert row["256: images/s"] > 0 and row["patch: images/s"] > 0 and row["dense: s per image"] > 0, row
     text = out.read_text()
-    assert "Machine: " in text and "avx2 " in text and "avx512_bf16 " in text and "| image | OpenVINO |" in text
-
-
-def test_bench_localization_runs_with_one_progress_bar(capsys):
-    # Small patch batches make each image's scoring long enough for a bar of its own, unless the script stops it.
-    times = bench_localization.main(["--size", "32", "--patch_size", "16", "--stride", "2", "--images", "2",
-                                     "--device", "cpu", "--patch_batch", "4"])
-    assert times.shape == (2,) and (times > 0).all()
-    captured = capsys.readouterr()
-    assert "dense maps" in captured.err and "score test patches" not in captured.err
-    assert "images/s" in captured.out
+    assert "Machine: " in text and "avx2 " in text and "| onnxruntime float32 |" in text and "dense: s per image" in text
 
 
 def test_gpu_checks_script_parses_and_names_files_that_exist():
@@ -72,7 +62,7 @@ def test_gpu_checks_script_parses_and_names_files_that_exist():
     script = ROOT / "tools" / "gpu_checks.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     named = set(re.findall(r"[\w./-]+\.(?:py|sh)\b", script.read_text()))
-    assert {"tests/test_cudagraphs.py", "tools/benchmark.py", "tools/bench_localization.py", "run_training.py",
+    assert {"tests/test_cudagraphs.py", "tools/benchmark.py", "tools/bench_inference.py", "run_training.py",
             "eval.py", "tools/gpu_checks.sh"} <= named
     for name in named:
         assert (ROOT / name).is_file(), f"gpu_checks.sh names {name}, which does not exist"

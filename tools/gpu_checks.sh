@@ -13,7 +13,8 @@
 #   benchmark_cuda_eager.md    the same on random images with the augmentation launched kernel by kernel
 #                              (--no-cuda_graph), ours only: what the CUDA graph saves
 #   benchmark_cuda_compile.md  the same step under torch.compile, on random images, ours only
-#   localization_cuda.txt      tools/bench_localization.py: dense anomaly maps per second
+#   inference_cuda.md          tools/bench_inference.py: the scoring graph per memory format and precision, images/s
+#                              at 256 px and at the 64 px patches, and seconds per dense stride-4 map
 #   train_eval_cuda.txt        run_training.py (3-way, from scratch) and eval.py on the category: steps per
 #                              second and the image AUROC of a whole run on the GPU
 #   log.txt                    everything printed, with the versions of Python, torch, the GPU and CUDA
@@ -32,7 +33,6 @@ steps=${STEPS:-100}
 warmup=${WARMUP:-10}            # untimed steps first: cuDNN's autotuner tries its algorithms in the first ones
 repeats=${REPEATS:-3}           # evaluation timings are medians of this many runs
 train_steps=${TRAIN_STEPS:-1000}
-loc_images=${LOC_IMAGES:-64}
 python=${PYTHON:-python3}
 if [[ ! -d $data ]]; then
     echo "error: no data folder $data; give the MVTec-layout root that holds $category/" >&2
@@ -66,8 +66,8 @@ check benchmark "$work/benchmark.txt" "$python" tools/benchmark.py --device "$de
     --eval_repeats "$repeats" --out "$out/benchmark_cuda.md"
 check eager "$work/eager.txt" "$python" tools/benchmark.py --device "$device" --variant 3way --size "$size" \
     --steps "$steps" --warmup "$warmup" --no-cuda_graph --no-reference --out "$out/benchmark_cuda_eager.md"
-check localization "$out/localization_cuda.txt" "$python" tools/bench_localization.py --device "$device" \
-    --size "$size" --images "$loc_images"
+check inference "$work/inference.txt" "$python" tools/bench_inference.py --device "$device" --size "$size" \
+    --out "$out/inference_cuda.md"
 check train "$work/train.txt" "$python" run_training.py --data_dir "$data" --type "$category" --variant 3way \
     --epochs "$train_steps" --size "$size" --no-pretrained --device "$device" --model_dir "$work/models" \
     --log_dir "$work/logs"
