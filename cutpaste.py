@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from support.options import VARIANTS
+from config.paper import VARIANTS
 
 # Section 3.1: "area ratio ... in (0.02, 0.15)" and aspect ratio log-uniform in (0.3, 1/0.3).
 CUTPASTE_AREA_RATIO = (0.02, 0.15)

@@ -10,6 +10,7 @@ clean training images' held-out scores (map maxima, for a patch-level model). Ov
 import argparse
 from pathlib import Path
 
+from config.paper import DEFAULT_QUANTILE, PREDICT_BATCH
 from support import options
 from support.errors import run_main
 
@@ -25,7 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with a folder for --checkpoint: the category whose checkpoint to use")
     p.add_argument("--threshold", type=float, default=None,
                    help="anomaly-score threshold; default: the --quantile of the clean training images' scores")
-    p.add_argument("--quantile", type=float, default=options.DEFAULT_QUANTILE,
+    p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                    help="quantile of the held-out clean training scores used as threshold (about 1 - quantile "
                         "of clean images get flagged)")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV written: path, score, label, ...")
@@ -33,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write each image with its decision frame (and heatmap, for a localizing model) here")
     p.add_argument("--truth_from_folders", action=argparse.BooleanOptionalAction, default=False,
                    help="take the truth from the folder names (MVTec layout: 'good' is normal) and print the accuracy")
-    p.add_argument("--batch_size", type=int, default=options.PREDICT_BATCH, help="images decoded and scored at once")
+    p.add_argument("--batch_size", type=int, default=PREDICT_BATCH, help="images decoded and scored at once")
     return p
 
 

@@ -24,10 +24,10 @@ from torchvision.transforms.v2 import functional as TF
 
 import dataset
 import density as density_lib
+from config.paper import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE, PREDICT_BATCH
 from support import checkpoints, patches
 from support import export as export_lib
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE, PREDICT_BATCH
 from support.runtime import (bf16_supported, default_channels_last, embed_images, keep_freed_memory, memory_format,
                              resolve_device)
 

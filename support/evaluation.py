@@ -10,9 +10,10 @@ import torch
 
 import dataset
 import density as density_lib
+from config.paper import PAPER_TABLE1, PAPER_TABLE2
 from support import checkpoints, gradcam, metrics, patches, plots
 from support.errors import CutPasteError
-from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS, PAPER_TABLE1, PAPER_TABLE2
+from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS
 from support.runtime import choose, describe, embed_images, memory_format, resolve_device
 
 # Localization columns of the results tables (present when a category was localized) and their titles.

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config.paper import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
 from density import quantile_threshold
 from support import checkpoints, patches
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE, EXPORT_FORMATS as FORMATS, PATCH_SCORE_STRIDE
+from support.options import EXPORT_FORMATS as FORMATS
 
 # Bumped when the graph's inputs, outputs or metadata change in a way older readers cannot follow.
 EXPORT_FORMAT = 1

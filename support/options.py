@@ -1,54 +1,24 @@
 """Command-line flags, each declared once and shared through argparse's `parents=` (as DINO does).
 
 This module imports nothing heavy, so that every script's --help answers at once: the scripts
-import torch only after their arguments are parsed. The paper's values (Li et al., CVPR 2021,
-sections 3 and 4) are the named constants below; each flag's help gives the default and the
-paper's value.
+import torch only after their arguments are parsed. The paper's values come from config/paper.py;
+each flag's help gives the default and the paper's value.
 """
 import argparse
 from pathlib import Path
 
-# Section 4.1: 256 px images, 32 clean images per step (64 with their augmented copies), SGD at 0.03, ResNet18.
-PAPER_SIZE = 256
-PAPER_BATCH_SIZE = 32
-PAPER_LR = 0.03
-DEFAULT_ARCH = "resnet18"
-# Steps per "epoch": Li et al. count 256 optimizer steps as one epoch, and --epochs counts steps.
-STEPS_PER_EPOCH = 256
-VARIANTS = ("normal", "scar", "union", "3way")
-# Section 4.2: 64 px patches of 256 px images, scored densely at stride 4.
-PAPER_PATCH_SIZE = 64
-PAPER_STRIDE = 4
-# ResNet18 downsamples 32x: a smaller patch shrinks to one pixel before its last block.
-MIN_PATCH_SIZE = 32
-# Location cells of the patch Gaussians (13 x 13 for 64 px patches of 256 px images).
-CELL_STRIDE = 16
-PATCH_BATCH = 512
-# Stride of the dense scoring of a patch-level model in predict.py and its exports; training scores its held-out
-# clean images at this stride for the threshold. A quarter of the paper's 64 px patch: 169 patches per 256 px image,
-# 1/14 of the paper's stride 4, so that the calibration costs training minutes on a CPU, not tens of minutes.
-PATCH_SCORE_STRIDE = 16
+from config.paper import (CELL_STRIDE, DEFAULT_ARCH, PAPER_BATCH_SIZE, PAPER_LR, PAPER_PATCH_SIZE, PAPER_SIZE,
+                          PAPER_STRIDE, PATCH_BATCH, PATCH_SCORE_STRIDE, STEPS_PER_EPOCH, VARIANTS)
+
 LOCALIZATION_MODES = ("auto", "none", "dense", "gradcam")
 PATCH_DENSITIES = ("auto", "shared", "local")
 GRADCAM_TARGETS = ("density", "logit")
 # --density: the Gaussian stored in the checkpoint, or one refitted by the named estimator (density.py).
 CHECKPOINT_DENSITY = "checkpoint"
 DENSITY_ESTIMATORS = ("torch", "sklearn")
-# The threshold of predict.py: this quantile of the held-out clean training scores (about 1 % false alarms).
-DEFAULT_QUANTILE = 0.99
-PREDICT_BATCH = 64
 EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
-# reproduce.py's figures: the earlier reimplementation's bar charts start the AUROC axis at 40 %, so that differences
-# between 90 and 100 stay readable; the training curves are moving averages of this many logged points.
-FIGURES_Y_MIN = 40.0
-FIGURES_WINDOW = 10
 # --layout: the folder layouts dataset.py reads; auto detects them.
 LAYOUTS = ("auto", "mvtec", "mvtec2", "loco", "visa", "folder")
-
-
-DOC = Path(__file__).resolve().parents[1] / "doc"
-PAPER_TABLE1 = DOC / "paper_table1.csv"  # Li et al., Table 1: image AUROC per category and variant
-PAPER_TABLE2 = DOC / "paper_table2.csv"  # Li et al., Table 2: pixel AUROC per category
 
 
 def _parser(description: str | None = None, parents=()) -> argparse.ArgumentParser:

@@ -10,12 +10,12 @@ from PIL import Image
 import dataset
 import density
 import predict
+from config.paper import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
 from support import detector
 from support.detector import Detector
 import run_training
 from support.checkpoints import CHECKPOINT_FORMAT
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE
 
 
 def train_lid(out: Path, mvtec_root: Path, *extra) -> Path:
@@ -169,7 +169,7 @@ def patch_checkpoint(tmp_path_factory, mvtec_root) -> Path:
 
 def test_patch_model_scores_by_its_map_and_calibrates_on_held_out_maxima(tmp_path, patch_checkpoint, mvtec_root):
     ckpt = torch.load(patch_checkpoint, weights_only=True)
-    assert ckpt["heldout_scores"].shape == (16,) and ckpt["score_stride"] == detector.PATCH_SCORE_STRIDE
+    assert ckpt["heldout_scores"].shape == (16,) and ckpt["score_stride"] == PATCH_SCORE_STRIDE
     det = Detector.load(patch_checkpoint, device="cpu")
     assert det.calibration_source == "held-out clean training map maxima"
     assert det.threshold(1.0) == pytest.approx(float(ckpt["heldout_scores"].max()))

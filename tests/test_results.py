@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 import reproduce
+from config.paper import PAPER_TABLE1
 from support import evaluation, reproduction, training
 from support import figures as drawing
-from support.options import PAPER_TABLE1
 from support.errors import CutPasteError
 
 TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--test_epochs", "2"]

@@ -18,8 +18,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the project's modules live on
 import torch  # noqa: E402
 
 import density as density_lib  # noqa: E402
+from config.paper import PAPER_BATCH_SIZE, PAPER_PATCH_SIZE, PAPER_SIZE, PATCH_BATCH  # noqa: E402
 from benchmark import cpuinfo, publish  # noqa: E402
-from support import checkpoints, export, options, patches  # noqa: E402
+from support import checkpoints, export, patches  # noqa: E402
 from support.detector import dense_forward, image_forward  # noqa: E402
 from support.errors import run_main  # noqa: E402
 
@@ -31,11 +32,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Time exported detectors against eager PyTorch on the CPU.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="an image-level checkpoint to time instead")
-    p.add_argument("--size", type=int, default=options.PAPER_SIZE, help="image side in pixels (paper: 256)")
-    p.add_argument("--batch", type=int, default=options.PAPER_BATCH_SIZE, help="images per call for throughput")
+    p.add_argument("--size", type=int, default=PAPER_SIZE, help="image side in pixels (paper: 256)")
+    p.add_argument("--batch", type=int, default=PAPER_BATCH_SIZE, help="images per call for throughput")
     p.add_argument("--iters", type=int, default=5, help="timed calls per measurement (medians are kept)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
-    p.add_argument("--patch_size", type=int, default=options.PAPER_PATCH_SIZE, help="dense localization: patch side")
+    p.add_argument("--patch_size", type=int, default=PAPER_PATCH_SIZE, help="dense localization: patch side")
     p.add_argument("--strides", type=str, default="4,8", help="dense localization: comma-separated strides")
     p.add_argument("--out", type=Path, default=None, help="also write the table as markdown to this file")
     return p
@@ -115,7 +116,7 @@ def report(args, rows: list[dict]) -> str:
              f"{torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}", "",
              f"Medians of {args.iters} calls after {args.warmup} warm-up, the same random uint8 images for every "
              f"runtime, from uint8 images to scores (dense: to the upsampled {args.size} px map of one image, "
-             f"{args.patch_size} px patches; eager PyTorch in batches of {options.PATCH_BATCH} patches, the exports "
+             f"{args.patch_size} px patches; eager PyTorch in batches of {PATCH_BATCH} patches, the exports "
              f"all of the image's patches in one call). Written by tools/bench_export.py.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     for row in rows:

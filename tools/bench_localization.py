@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's mo
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from config.paper import PAPER_PATCH_SIZE, PAPER_SIZE, PAPER_STRIDE, PATCH_BATCH  # noqa: E402
 from support import checkpoints, options, patches, runtime  # noqa: E402
 from support.errors import run_main  # noqa: E402
 
@@ -22,11 +23,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Time dense anomaly-map scoring per image.",
                                 parents=[options.runtime_flags()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", type=int, default=options.PAPER_SIZE, help="image side in pixels (paper: 256)")
-    p.add_argument("--patch_size", type=int, default=options.PAPER_PATCH_SIZE, help="patch side (paper: 64)")
-    p.add_argument("--stride", type=int, default=options.PAPER_STRIDE, help="patch stride (paper: 4)")
+    p.add_argument("--size", type=int, default=PAPER_SIZE, help="image side in pixels (paper: 256)")
+    p.add_argument("--patch_size", type=int, default=PAPER_PATCH_SIZE, help="patch side (paper: 64)")
+    p.add_argument("--stride", type=int, default=PAPER_STRIDE, help="patch stride (paper: 4)")
     p.add_argument("--images", type=int, default=3, help="timed images (after one warm-up image)")
-    p.add_argument("--patch_batch", type=int, default=options.PATCH_BATCH, help="patches per forward pass")
+    p.add_argument("--patch_batch", type=int, default=PATCH_BATCH, help="patches per forward pass")
     p.add_argument("--patch_density", type=str, choices=("shared", "local"), default="local",
                    help="one Gaussian for all positions, or one per location cell (eval's choice for bottle)")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint to time instead of an untrained model")

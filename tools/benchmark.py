@@ -27,6 +27,7 @@ from torchvision.transforms import v2 as T  # noqa: E402
 
 import dataset  # noqa: E402
 import density  # noqa: E402
+from config.paper import PAPER_BATCH_SIZE, PAPER_SIZE, VARIANTS  # noqa: E402
 from cutpaste import COLOR_JITTER, CUTPASTE_AREA_RATIO, CUTPASTE_ASPECT_RATIO, VARIANT_CLASSES  # noqa: E402
 from support import checkpoints, evaluation, options, runtime, training  # noqa: E402
 from support.errors import CutPasteError, run_main  # noqa: E402
@@ -43,9 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", type=Path, default=None, help="data root (none: random images, no eval)")
     options.add_layout_flag(p)
     p.add_argument("--type", type=str, default="bottle", help="category to load from --data_dir")
-    p.add_argument("--size", type=int, default=options.PAPER_SIZE, help="image side in pixels")
-    p.add_argument("--variant", type=str, choices=options.VARIANTS, default="normal", help="CutPaste variant")
-    p.add_argument("--batch_size", type=int, default=options.PAPER_BATCH_SIZE, help="clean images per step")
+    p.add_argument("--size", type=int, default=PAPER_SIZE, help="image side in pixels")
+    p.add_argument("--variant", type=str, choices=VARIANTS, default="normal", help="CutPaste variant")
+    p.add_argument("--batch_size", type=int, default=PAPER_BATCH_SIZE, help="clean images per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (medians are kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True, help="also time the reference")
