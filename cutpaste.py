@@ -1,14 +1,33 @@
-"""CutPaste augmentations (Li et al., CVPR 2021, section 3.1), batched on the training device.
+"""CutPaste (Li et al., CVPR 2021, section 3.1): augmented images that look like local defects, for a classifier to
+tell from the clean ones, so that its embeddings notice local irregularities.
 
-`sample_*` draws parameters from one injected torch.Generator; `apply_*` is a pure function of the images and
-those parameters, returning a new tensor. Images are float (B, 3, H, W) in [0, 1]; H and W may differ.
+CutPaste cuts a rectangle out of a clean image, its area 2 % to 15 % of the image's and its aspect ratio (width /
+height) log-uniform between 0.3 and 1 / 0.3, jitters the rectangle's colours (brightness, contrast, saturation and
+hue, in a random order, as torchvision's ColorJitter does) and pastes it back at a random place of the same image.
+CutPaste-scar cuts a thin box instead (2-16 px wide, 10-25 px tall) and pastes it turned by up to 45 degrees. The
+variants: normal (clean against CutPaste), scar (clean against scar), union (clean against either, half and half)
+and 3way (clean, CutPaste and scar as three classes). Every image, the clean ones too, first gets a colour jitter of
+its own, as the earlier reimplementation does.
+
+The module reads in that order:
+
+1. The method. The parameters of a batch are drawn from one injected torch.Generator (`sample_cutpaste`,
+   `sample_scar`, `sample_jitter`), apart from applying them; `cutpaste_image` applies image i's parameters to
+   that one image: `cut_box`, `color_jitter` (torchvision's own functions), `paste_box`.
+2. The batched path that training runs (`make_batch`): the same images for a whole batch on the training device,
+   with fixed shapes and nothing read back to the host, so that a CUDA graph can capture a training step
+   (support/cudagraphs.py). Each box is packed into a fixed number of slots, and the jitter runs stage by stage.
+   tests/test_cutpaste.py checks that both paths give the same images for the same parameters.
+
+Images are float (B, 3, H, W) in [0, 1], or (3, H, W) for one image; H and W may differ.
 """
 import math
 from dataclasses import dataclass
 
 import torch
+from torchvision.transforms.v2 import functional as TF
 
-from support.options import VARIANTS
+from config.paper import VARIANTS
 
 # Section 3.1: "area ratio ... in (0.02, 0.15)" and aspect ratio log-uniform in (0.3, 1/0.3).
 CUTPASTE_AREA_RATIO = (0.02, 0.15)
@@ -24,8 +43,9 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 JITTER_STEPS = 4
 # Output classes per variant: 0 is always the clean image.
 VARIANT_CLASSES = dict(zip(VARIANTS, (2, 2, 2, 3)))
-# Greyscale weights of torchvision's rgb_to_grayscale (ITU-R BT.601, red rounded as torchvision does).
-_LUMA = (0.2989, 0.587, 0.114)
+
+
+# ---- 1. The method: parameters drawn from one generator, and their application to one image ----------------------
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -38,10 +58,57 @@ def _randint(n: int, high, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PasteParams:
+    """Per-image (B,) geometry in pixels: the `height` x `width` box centred at (src_y, src_x), rotated by
+    `angle` (radians) and pasted centred at (dst_y, dst_x)."""
+    src_y: torch.Tensor
+    src_x: torch.Tensor
+    dst_y: torch.Tensor
+    dst_x: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+    angle: torch.Tensor
+
+
+def _place_box(n, height, width, img_h, img_w, gen):
+    """Box centres (y, x) for integer-aligned axis-parallel boxes that lie fully inside the image."""
+    top = _randint(n, img_h - height, gen)
+    left = _randint(n, img_w - width, gen)
+    return top + (height - 1) / 2, left + (width - 1) / 2
+
+
+def sample_cutpaste(n: int, img_h: int, img_w: int, gen: torch.Generator) -> PasteParams:
+    """CutPaste boxes: area ratio uniform in CUTPASTE_AREA_RATIO of H*W, aspect log-uniform."""
+    area = _uniform(n, *CUTPASTE_AREA_RATIO, gen) * img_h * img_w
+    log_lo, log_hi = (math.log(r) for r in CUTPASTE_ASPECT_RATIO)
+    aspect = torch.exp(_uniform(n, log_lo, log_hi, gen))  # width / height
+    width = torch.sqrt(area * aspect).round().clamp(1, img_w)
+    height = torch.sqrt(area / aspect).round().clamp(1, img_h)
+    src_y, src_x = _place_box(n, height, width, img_h, img_w, gen)
+    dst_y, dst_x = _place_box(n, height, width, img_h, img_w, gen)
+    return PasteParams(src_y, src_x, dst_y, dst_x, height, width, torch.zeros_like(area))
+
+
+def sample_scar(n: int, img_h: int, img_w: int, gen: torch.Generator) -> PasteParams:
+    """Scar boxes: integer sides in SCAR_WIDTH/SCAR_HEIGHT, angle in +-SCAR_MAX_ANGLE_DEG, rotated box inside."""
+    width = (_randint(n, SCAR_WIDTH[1] - SCAR_WIDTH[0], gen) + SCAR_WIDTH[0]).clamp(max=img_w)
+    height = (_randint(n, SCAR_HEIGHT[1] - SCAR_HEIGHT[0], gen) + SCAR_HEIGHT[0]).clamp(max=img_h)
+    angle = torch.deg2rad(_uniform(n, -SCAR_MAX_ANGLE_DEG, SCAR_MAX_ANGLE_DEG, gen))
+    src_y, src_x = _place_box(n, height, width, img_h, img_w, gen)
+    cos, sin = torch.cos(angle).abs(), torch.sin(angle).abs()
+    half_x = ((width * cos + height * sin) / 2).clamp(max=img_w / 2)
+    half_y = ((width * sin + height * cos) / 2).clamp(max=img_h / 2)
+    dst_x = half_x - 0.5 + torch.rand(n, generator=gen, device=gen.device) * (img_w - 2 * half_x)
+    dst_y = half_y - 0.5 + torch.rand(n, generator=gen, device=gen.device) * (img_h - 2 * half_y)
+    return PasteParams(src_y, src_x, dst_y, dst_x, height, width, angle)
+
+
+@dataclass(frozen=True)
 class JitterParams:
-    """Per-image ColorJitter: (B,) brightness, contrast, saturation multipliers and hue shift in turns;
-    order (B, 4) long, the steps (BRIGHTNESS ... HUE) at stages 0-3; hue_rows (B,) the images sorted by hue
-    stage; hue_counts, host integers (so applying reads nothing back), how many shift hue at each stage."""
+    """ColorJitter of each image: (B,) brightness, contrast and saturation factors and hue shift in turns; order
+    (B, 4) long, the steps (BRIGHTNESS ... HUE) at stages 0-3. For the batched path: hue_rows (B,) the images
+    sorted by the stage of their hue step, and hue_counts, host integers (so applying reads nothing back), how many
+    images shift hue at each stage."""
     brightness: torch.Tensor
     contrast: torch.Tensor
     saturation: torch.Tensor
@@ -79,6 +146,54 @@ def sample_jitter(n: int, gen: torch.Generator, strength: float = COLOR_JITTER) 
     dealt_host = [i * JITTER_STEPS // n for i in range(n)]
     counts = tuple(dealt_host.count(s) for s in range(JITTER_STEPS))
     return JitterParams(*factors, hue, order, hue_rows, counts)
+
+
+def cut_box(image: torch.Tensor, p: PasteParams, i: int) -> torch.Tensor:
+    """The source box of image i's parameters, cut out of `image` (3, H, W): a view (3, height, width)."""
+    height, width = int(p.height[i]), int(p.width[i])
+    top, left = int(p.src_y[i] - (height - 1) / 2), int(p.src_x[i] - (width - 1) / 2)
+    return image[:, top:top + height, left:left + width]
+
+
+def color_jitter(image: torch.Tensor, p: JitterParams, i: int) -> torch.Tensor:
+    """torchvision's ColorJitter of `image` (3, h, w) with image i's factors, its four steps in image i's order."""
+    steps = {BRIGHTNESS: (TF.adjust_brightness, p.brightness), CONTRAST: (TF.adjust_contrast, p.contrast),
+             SATURATION: (TF.adjust_saturation, p.saturation), HUE: (TF.adjust_hue, p.hue)}
+    for step in p.order[i].tolist():
+        adjust, factors = steps[step]
+        image = adjust(image, factors[i].item())
+    return image
+
+
+def paste_box(image: torch.Tensor, patch: torch.Tensor, p: PasteParams, i: int) -> torch.Tensor:
+    """`patch` (3, h, w) pasted onto a copy of `image` (3, H, W), centred at image i's (dst_y, dst_x) and turned by
+    its angle: a pixel whose centre, turned back by the angle about that point, falls inside the patch takes the
+    patch's pixel there. With angle 0 the patch lands as it is, shifted by whole pixels."""
+    height, width = patch.shape[1:]
+    ys, xs = torch.meshgrid(torch.arange(image.shape[1], dtype=torch.float64),
+                            torch.arange(image.shape[2], dtype=torch.float64), indexing="ij")
+    down, right = ys - float(p.dst_y[i]), xs - float(p.dst_x[i])
+    cos, sin = math.cos(float(p.angle[i])), math.sin(float(p.angle[i]))
+    across, along = cos * right + sin * down, cos * down - sin * right  # in the patch's frame, from its centre
+    inside = (across.abs() < width / 2) & (along.abs() < height / 2)
+    rows = (along[inside] + height / 2).floor().long()
+    cols = (across[inside] + width / 2).floor().long()
+    out = image.clone()
+    out[:, inside] = patch[:, rows, cols]
+    return out
+
+
+def cutpaste_image(image: torch.Tensor, p: PasteParams, jitter: JitterParams, i: int) -> torch.Tensor:
+    """CutPaste (or scar, by the parameters) of one image (3, H, W) with image i's parameters of a batch: cut the
+    source box, jitter its colours, paste it at the destination."""
+    return paste_box(image, color_jitter(cut_box(image, p, i), jitter, i), p, i)
+
+
+# ---- 2. The batched path: the method on a whole batch on the training device, in fixed shapes and without reading
+# the device back to the host, so that a CUDA graph can capture it (support/cudagraphs.py) ---------------------------
+
+# Greyscale weights of torchvision's rgb_to_grayscale (ITU-R BT.601, red rounded as torchvision does).
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 def _luma(like: torch.Tensor) -> torch.Tensor:
@@ -156,52 +271,6 @@ def apply_jitter(images: torch.Tensor, p: JitterParams, weights=None, out=None) 
     factors = torch.stack([p.brightness, p.contrast, p.saturation], dim=1)
     _jitter_by_stage(images, p, factors, weights, out, _luma(images))
     return out
-
-
-@dataclass(frozen=True)
-class PasteParams:
-    """Per-image (B,) geometry in pixels: the `height` x `width` box centred at (src_y, src_x), rotated by
-    `angle` (radians) and pasted centred at (dst_y, dst_x)."""
-    src_y: torch.Tensor
-    src_x: torch.Tensor
-    dst_y: torch.Tensor
-    dst_x: torch.Tensor
-    height: torch.Tensor
-    width: torch.Tensor
-    angle: torch.Tensor
-
-
-def _place_box(n, height, width, img_h, img_w, gen):
-    """Box centres (y, x) for integer-aligned axis-parallel boxes that lie fully inside the image."""
-    top = _randint(n, img_h - height, gen)
-    left = _randint(n, img_w - width, gen)
-    return top + (height - 1) / 2, left + (width - 1) / 2
-
-
-def sample_cutpaste(n: int, img_h: int, img_w: int, gen: torch.Generator) -> PasteParams:
-    """CutPaste boxes: area ratio uniform in CUTPASTE_AREA_RATIO of H*W, aspect log-uniform."""
-    area = _uniform(n, *CUTPASTE_AREA_RATIO, gen) * img_h * img_w
-    log_lo, log_hi = (math.log(r) for r in CUTPASTE_ASPECT_RATIO)
-    aspect = torch.exp(_uniform(n, log_lo, log_hi, gen))  # width / height
-    width = torch.sqrt(area * aspect).round().clamp(1, img_w)
-    height = torch.sqrt(area / aspect).round().clamp(1, img_h)
-    src_y, src_x = _place_box(n, height, width, img_h, img_w, gen)
-    dst_y, dst_x = _place_box(n, height, width, img_h, img_w, gen)
-    return PasteParams(src_y, src_x, dst_y, dst_x, height, width, torch.zeros_like(area))
-
-
-def sample_scar(n: int, img_h: int, img_w: int, gen: torch.Generator) -> PasteParams:
-    """Scar boxes: integer sides in SCAR_WIDTH/SCAR_HEIGHT, angle in +-SCAR_MAX_ANGLE_DEG, rotated box inside."""
-    width = (_randint(n, SCAR_WIDTH[1] - SCAR_WIDTH[0], gen) + SCAR_WIDTH[0]).clamp(max=img_w)
-    height = (_randint(n, SCAR_HEIGHT[1] - SCAR_HEIGHT[0], gen) + SCAR_HEIGHT[0]).clamp(max=img_h)
-    angle = torch.deg2rad(_uniform(n, -SCAR_MAX_ANGLE_DEG, SCAR_MAX_ANGLE_DEG, gen))
-    src_y, src_x = _place_box(n, height, width, img_h, img_w, gen)
-    cos, sin = torch.cos(angle).abs(), torch.sin(angle).abs()
-    half_x = ((width * cos + height * sin) / 2).clamp(max=img_w / 2)
-    half_y = ((width * sin + height * cos) / 2).clamp(max=img_h / 2)
-    dst_x = half_x - 0.5 + torch.rand(n, generator=gen, device=gen.device) * (img_w - 2 * half_x)
-    dst_y = half_y - 0.5 + torch.rand(n, generator=gen, device=gen.device) * (img_h - 2 * half_y)
-    return PasteParams(src_y, src_x, dst_y, dst_x, height, width, angle)
 
 
 def max_patch_pixels(img_h: int, img_w: int) -> int:
@@ -295,7 +364,7 @@ def augment_batch(base: torch.Tensor, variant: str, gen: torch.Generator):
     clean = apply_jitter(base, sample_jitter(b, gen), out=x[:b])
     for view, kind in enumerate(kinds, start=1):
         cutpaste_views(clean, kind, gen, out=x[view * b:(view + 1) * b])
-    # Expanded, not repeat_interleave'd: no read back to the host, which cudagraphs.py could not capture.
+    # Expanded, not repeat_interleave'd: no read back to the host, which cudagraphs.py cannot capture.
     labels = torch.arange(1 + len(kinds), device=base.device).view(-1, 1).expand(-1, b).reshape(-1)
     return x, labels
 

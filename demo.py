@@ -9,9 +9,9 @@ import argparse
 import time
 from pathlib import Path
 
-from support import demo_data
+from config.paper import VARIANTS
+from support import demo_data, options
 from support.errors import run_main
-from support.options import add_device_flag
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -22,26 +22,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=demo_data.DEMO_SIZE, help="image side in pixels")
     p.add_argument("--epochs", type=int, default=demo_data.DEMO_STEPS, help="optimizer steps")
     p.add_argument("--batch_size", type=int, default=demo_data.DEMO_BATCH_SIZE, help="clean images per step")
-    p.add_argument("--variant", type=str, default=demo_data.DEMO_VARIANT, help="CutPaste variant")
+    p.add_argument("--variant", type=str, choices=VARIANTS, default=demo_data.DEMO_VARIANT, help="CutPaste variant")
     p.add_argument("--seed", type=int, default=0, help="seed for the data and the training")
-    add_device_flag(p)
+    options.add_device_flag(p)
     return p
 
 
 def main(argv=None):
     started = time.perf_counter()
     args = get_args_parser().parse_args(argv)
-    from support import evaluation, options, training  # torch loads after parsing: --help answers at once
+    from support import evaluation, training  # torch loads after parsing: --help answers at once
     category = demo_data.DEMO_CATEGORY
     if not (args.data_dir / category).is_dir():
         print(f"writing the synthetic category {category!r} to {args.data_dir}")
         demo_data.make_dataset(args.data_dir, category, size=args.size, seed=args.seed)
-    common = ["--data_dir", str(args.data_dir), "--type", category, "--model_dir", str(args.model_dir),
-              "--device", args.device]
-    training.run(options.training_parser().parse_args(
-        common + ["--no-pretrained", "--variant", args.variant, "--epochs", str(args.epochs), "--size",
-                  str(args.size), "--batch_size", str(args.batch_size), "--seed", str(args.seed)]))
-    frame = evaluation.run(options.eval_parser().parse_args(common))
+    common = {"data_dir": args.data_dir, "type": category, "model_dir": args.model_dir, "device": args.device}
+    training.run(options.training_args(**common, pretrained=False, variant=args.variant, epochs=args.epochs,
+                                       size=args.size, batch_size=args.batch_size, seed=args.seed))
+    frame = evaluation.run(options.eval_args(**common))
     print(f"demo done in {time.perf_counter() - started:.0f} s")
     return frame
 

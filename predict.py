@@ -10,13 +10,15 @@ clean training images' held-out scores (map maxima, for a patch-level model). Ov
 import argparse
 from pathlib import Path
 
+from config.paper import DEFAULT_QUANTILE, PREDICT_BATCH
 from support import options
 from support.errors import run_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score images with a trained CutPaste checkpoint.",
-                                parents=[options.runtime_flags(), options.inference_flags()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                parents=[options.runtime_flags(), options.inference_flags()],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", type=str, nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a checkpoint (.tch), a file of export.py (.onnx, .xml, TorchScript; run on the CPU), or a "
@@ -25,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with a folder for --checkpoint: the category whose checkpoint to use")
     p.add_argument("--threshold", type=float, default=None,
                    help="anomaly-score threshold; default: the --quantile of the clean training images' scores")
-    p.add_argument("--quantile", type=float, default=options.DEFAULT_QUANTILE,
+    p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                    help="quantile of the held-out clean training scores used as threshold (about 1 - quantile "
                         "of clean images get flagged)")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV written: path, score, label, ...")
@@ -33,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write each image with its decision frame (and heatmap, for a localizing model) here")
     p.add_argument("--truth_from_folders", action=argparse.BooleanOptionalAction, default=False,
                    help="take the truth from the folder names (MVTec layout: 'good' is normal) and print the accuracy")
-    p.add_argument("--batch_size", type=int, default=options.PREDICT_BATCH, help="images decoded and scored at once")
+    p.add_argument("--batch_size", type=int, default=PREDICT_BATCH, help="images decoded and scored at once")
     return p
 
 

@@ -13,45 +13,45 @@ draws them from an existing CSV without running anything:
 import argparse
 from pathlib import Path
 
+from config.paper import PAPER_SIZE, PAPER_TABLE1, PAPER_VARIANTS, VARIANTS
 from support import demo_data, options
 from support.errors import CutPasteError, run_main
-from support.options import (CHECKPOINT_DENSITY, DEFAULT_ARCH, DENSITY_ESTIMATORS, VARIANTS, add_device_flag,
-                             add_layout_flag)
 
-# Table 1's single-model columns, as --variant values.
-PAPER_VARIANTS = ("normal", "scar", "3way")
-# "paper": 32 clean images per step (the paper's batch of 64, 96 for 3-way) and the 10000 steps of the earlier
-# reimplementation's published Table 1 commands. "demo": the synthetic category (doc/demo/).
+# "paper": the paper's 256 px and the 10000 steps of the earlier reimplementation's published Table 1 commands (the
+# batch of 32 clean images, 64 with their copies, is --batch_size's default). "demo": the synthetic category
+# (doc/demo/).
 PRESETS = {
-    "paper": {"data_dir": Path("Data"), "type": "all", "size": 256, "epochs": 10000, "test_epochs": 32,
-              "batch_size": 32, "head_layer": 1},
+    "paper": {"data_dir": Path("Data"), "type": "all", "size": PAPER_SIZE, "epochs": 10000, "test_epochs": 32},
     "demo": {"data_dir": Path("demo_data"), "type": demo_data.DEMO_CATEGORY, "size": demo_data.DEMO_SIZE,
-             "epochs": 300, "test_epochs": 25, "batch_size": 32, "head_layer": 1},
+             "epochs": 300, "test_epochs": 25},
 }
+# The figures: the earlier reimplementation's bar charts start the AUROC axis at 40 %, so that differences between
+# 90 and 100 stay readable; the training curves are moving averages of this many logged points.
+FIGURES_Y_MIN = 40.0
+FIGURES_WINDOW = 10
+
+
+def preset_flag() -> argparse.ArgumentParser:
+    """--preset, first in --help, as the defaults of the other flags depend on it."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--preset", type=str, choices=tuple(PRESETS), default="paper",
+                   help="defaults for the options left unset: paper (MVTec AD in Data/, 256 px, 10000 steps) or "
+                        "demo (the synthetic category, written to demo_data/ when missing; 64 px, 300 steps)")
+    return p
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train and evaluate a grid of CutPaste variants x categories x seeds "
-                                            "and collect every result in one CSV.",
+                                            "and collect every result in one CSV. The flags it shares with "
+                                            "run_training.py and eval.py mean what they mean there and go to every "
+                                            "run; those whose default is None take it from --preset.",
+                                parents=[preset_flag(), options.grid_flags()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", type=str, choices=tuple(PRESETS), default="paper",
-                   help="defaults for the options left unset: paper (MVTec AD in Data/, 256 px, 10000 steps) or "
-                        "demo (the synthetic category, written to demo_data/ when missing; 64 px, 300 steps)")
-    p.add_argument("--data_dir", type=Path, default=None,
-                   help="data root (or one category's folder); None takes it from --preset")
-    p.add_argument("--type", type=str, default=None,
-                   help="comma-separated categories or 'all'; None takes it from --preset")
-    add_layout_flag(p)
+    # Table 1's models are trained from scratch; eval.py's per-category plots of every run are off.
+    p.set_defaults(data_dir=None, type=None, size=None, epochs=None, pretrained=False, save_plots=0)
     p.add_argument("--variants", type=str, default=",".join(PAPER_VARIANTS),
                    help="comma-separated CutPaste variants (Table 1: normal, scar, 3way)")
     p.add_argument("--seeds", type=str, default="0", help="comma-separated seeds, one run per seed and variant")
-    p.add_argument("--arch", type=str, default=DEFAULT_ARCH, help="backbone, as run_training.py --arch")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
-                   help="start from ImageNet weights; Table 1's models are trained from scratch")
-    p.add_argument("--epochs", type=int, default=None, help="optimizer steps per model; None takes it from --preset")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels; None takes it from --preset")
-    p.add_argument("--batch_size", type=int, default=None, help="clean images per step; None takes it from --preset")
-    p.add_argument("--head_layer", type=int, default=None, help="512-wide head layers; None takes it from --preset")
     p.add_argument("--test_epochs", type=int, default=None,
                    help="log the test AUROC every this many steps for the training curves; -1 disables; "
                         "None takes it from --preset")
@@ -63,22 +63,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="when given, copy the CSV there and draw the bar charts, the table and the training curves")
     p.add_argument("--figures_from", type=Path, default=None,
                    help="only draw the figures of this results.csv into --figures_dir (default: the CSV's folder)")
-    p.add_argument("--paper", type=Path, default=options.PAPER_TABLE1, help="Li et al.'s Table 1 as CSV")
-    p.add_argument("--ymin", type=float, default=options.FIGURES_Y_MIN,
+    p.add_argument("--paper", type=Path, default=PAPER_TABLE1, help="Li et al.'s Table 1 as CSV")
+    p.add_argument("--ymin", type=float, default=FIGURES_Y_MIN,
                    help="bar charts' AUROC axis starts here (%%), as the earlier reimplementation's did")
-    p.add_argument("--window", type=int, default=options.FIGURES_WINDOW, help="points in the curves' moving average")
+    p.add_argument("--window", type=int, default=FIGURES_WINDOW, help="points in the curves' moving average")
     p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
                    help="draw training curves from the tensorboard logs named in the CSV's logdir column")
-    p.add_argument("--density", type=str, choices=(CHECKPOINT_DENSITY, *DENSITY_ESTIMATORS),
-                   default=CHECKPOINT_DENSITY, help="Gaussian density for evaluation, as eval.py --density")
-    p.add_argument("--save_plots", type=int, choices=(0, 1), default=0,
-                   help="1 writes eval.py's per-category plots under <out_dir>/eval/")
     p.add_argument("--train_args", type=str, default="",
-                   help="further run_training.py flags for every run, quoted, e.g. \"--lr 0.01\"")
+                   help="further run_training.py flags for every run, quoted, e.g. \"--log_every 8\"")
     p.add_argument("--eval_args", type=str, default="",
                    help="further eval.py flags, quoted; extra result columns (pixel metrics) go into the CSV")
-    p.add_argument("--workers", type=int, default=4, help="threads that decode images")
-    add_device_flag(p)
     return p
 
 
@@ -105,9 +99,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.figures_from is not None:
         from support import figures  # pandas, seaborn and tensorboard load after parsing
-        return figures.draw(argparse.Namespace(csv=args.figures_from, out_dir=args.figures_dir or
-                                               args.figures_from.parent, paper=args.paper, ymin=args.ymin,
-                                               window=args.window, curves=args.curves))
+        return figures.draw(args.figures_from, args.figures_dir or args.figures_from.parent, args)
     args = resolve_args(args)
     from support import reproduction  # torch and friends load after parsing, so that --help answers at once
     return reproduction.run(args)

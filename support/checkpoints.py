@@ -16,9 +16,9 @@ import torch
 from torchvision.models import get_model_weights
 
 import density as density_lib
+from config.paper import DEFAULT_ARCH
 from model import IMAGENET_MEAN, IMAGENET_STD, ProjectionNet, head_layers
 from support.errors import CutPasteError
-from support.options import DEFAULT_ARCH
 
 # Bumped when the checkpoint layout changes in a way old readers cannot follow.
 CHECKPOINT_FORMAT = 1

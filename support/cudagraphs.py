@@ -1,7 +1,8 @@
 """Replaying a function's kernels from a CUDA graph: one launch where there are hundreds.
 
-Pays on CUDA: the 3-way step at 256 px went from 3111 to 6868 images/s on an H200 (doc/gpu_runs.md).
-Launching the batched augmentation's ~1300 small kernels took the host longer than the model step took the GPU."""
+The batched augmentation launches about 1300 small kernels a step; on CUDA, launching them one by one takes the
+host longer than the model step takes the GPU, and one replay of a graph does not (measurements: doc/performance.md,
+doc/gpu_runs.md)."""
 import torch
 
 from support.errors import CutPasteError

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 DEFECT_KINDS = ("scratch", "hole", "stain", "missing")
 DEMO_CATEGORY = "lid"
-# demo.py's settings: about 75 s on 2 CPU cores without bf16, image AUROC 0.89-0.94 over seeds 0-4 (doc/performance.md).
+# demo.py's settings: small enough for a CPU without bf16 in about a minute (its times and AUROC: doc/performance.md).
 DEMO_SIZE = 64
 DEMO_STEPS = 150
 DEMO_BATCH_SIZE = 8

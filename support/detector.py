@@ -18,10 +18,10 @@ from torchvision.transforms.v2 import functional as TF
 
 import dataset
 import density as density_lib
+from config.paper import DEFAULT_QUANTILE, PREDICT_BATCH
 from support import checkpoints, inference
 from support import export as export_lib
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE, PREDICT_BATCH
 from support.runtime import resolve_device
 from support.scorer import Scorer, score_stride
 

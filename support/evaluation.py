@@ -11,9 +11,10 @@ import torch
 
 import dataset
 import density as density_lib
+from config.paper import PAPER_TABLE1, PAPER_TABLE2
 from support import checkpoints, gradcam, inference, metrics, plots
 from support.errors import CutPasteError
-from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS, PAPER_TABLE1, PAPER_TABLE2
+from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS
 from support.runtime import embed_images, keep_freed_memory, resolve_device
 from support.scorer import Scorer, fit_scorer
 

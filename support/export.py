@@ -16,7 +16,8 @@ from torch import nn
 from density import quantile_threshold
 from support import checkpoints, inference
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE, EXPORT_FORMATS as FORMATS
+from config.paper import DEFAULT_QUANTILE
+from support.options import EXPORT_FORMATS as FORMATS
 from support.scorer import Scorer, score_stride
 
 # Bumped when the graph's inputs, outputs or metadata change in a way older readers cannot follow.
@@ -83,8 +84,8 @@ def export(checkpoint: Path, fmt: str, out: Path, stride: int | None = None) -> 
     arch = ckpt["model"].get("arch", "resnet18")
     if not inference.exportable(arch):
         raise CutPasteError(f"{checkpoint}: backbone {arch} is not among the exportable ones "
-                            f"({', '.join(inference.EXPORTABLE_ARCHS)} families); score it with predict.py --checkpoint "
-                            f"{checkpoint.name} instead")
+                            f"({', '.join(inference.EXPORTABLE_ARCHS)} families); score it with predict.py "
+                            f"--checkpoint {checkpoint.name} instead")
     if fmt not in FORMATS:
         raise CutPasteError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     want = SUFFIXES.get(fmt)

@@ -208,18 +208,19 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def draw(args) -> list[Path]:
-    """The table and figures of args.csv into args.out_dir (with args.paper, ymin, window, curves)."""
-    frame = load_results(args.csv)
+def draw(csv: Path, out_dir: Path, args) -> list[Path]:
+    """The table and figures of the results `csv` into `out_dir`, as reproduce.py's `args` ask (--paper, --ymin,
+    --window, --curves)."""
+    frame = load_results(csv)
     paper = read_paper(args.paper)
-    written = [write_table(frame, paper, args.csv, args.out_dir / "table.md")]
+    written = [write_table(frame, paper, csv, out_dir / "table.md")]
     for variant in variant_order(frame["variant"]):
         written.append(plot_bars(bar_data(frame, paper, variant), variant, args.ymin,
-                                 args.out_dir / f"bars_{slug(variant)}.png"))
+                                 out_dir / f"bars_{slug(variant)}.png"))
     curves = curve_data(frame, args.window) if args.curves else pd.DataFrame()
     for (variant, setting, short), data in (curves.groupby(["variant", "setting", "short_setting"])
                                             if not curves.empty else []):
         name = f"curves_{slug(variant)}" + (f"_{slug(short)}" if short else "") + ".png"
-        written.append(plot_curves(data, f"CutPaste ({variant}), {setting}", args.window, args.out_dir / name))
+        written.append(plot_curves(data, f"CutPaste ({variant}), {setting}", args.window, out_dir / name))
     print("wrote " + ", ".join(str(p) for p in written))
     return written

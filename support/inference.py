@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from support.errors import CutPasteError
-from support.options import PATCH_BATCH, RUNTIMES
+from config.paper import PATCH_BATCH
+from support.options import RUNTIMES
 from support.runtime import autocast, bf16_supported, describe
 
 # Backbone families whose graphs export and score within 1e-4 of PyTorch (tests/test_export.py covers resnet18).

@@ -1,55 +1,25 @@
 """Command-line flags, each declared once and shared through argparse's `parents=` (as DINO does).
 
 This module imports nothing heavy, so that every script's --help answers at once: the scripts
-import torch only after their arguments are parsed. The paper's values (Li et al., CVPR 2021,
-sections 3 and 4) are the named constants below; each flag's help gives the default and the
-paper's value.
+import torch only after their arguments are parsed. The paper's values come from config/paper.py;
+each flag's help gives the default and the paper's value.
 """
 import argparse
 from pathlib import Path
 
-# Section 4.1: 256 px images, 32 clean images per step (64 with their augmented copies), SGD at 0.03, ResNet18.
-PAPER_SIZE = 256
-PAPER_BATCH_SIZE = 32
-PAPER_LR = 0.03
-DEFAULT_ARCH = "resnet18"
-# Steps per "epoch": Li et al. count 256 optimizer steps as one epoch, and --epochs counts steps.
-STEPS_PER_EPOCH = 256
-VARIANTS = ("normal", "scar", "union", "3way")
-# Section 4.2: 64 px patches of 256 px images, scored densely at stride 4.
-PAPER_PATCH_SIZE = 64
-PAPER_STRIDE = 4
-# ResNet18 downsamples 32x: a smaller patch shrinks to one pixel before its last block.
-MIN_PATCH_SIZE = 32
-# Location cells of the patch Gaussians (13 x 13 for 64 px patches of 256 px images).
-CELL_STRIDE = 16
-PATCH_BATCH = 512
-# Stride of the dense scoring of a patch-level model in predict.py and its exports; training scores its held-out
-# clean images at this stride for the threshold. A quarter of the paper's 64 px patch: 169 patches per 256 px image,
-# 1/14 of the paper's stride 4, so that the calibration costs training minutes on a CPU, not tens of minutes.
-PATCH_SCORE_STRIDE = 16
+from config.paper import (CELL_STRIDE, DEFAULT_ARCH, PAPER_BATCH_SIZE, PAPER_LR, PAPER_PATCH_SIZE, PAPER_SIZE,
+                          PAPER_STRIDE, PATCH_BATCH, PATCH_SCORE_STRIDE, STEPS_PER_EPOCH, VARIANTS)
+
 LOCALIZATION_MODES = ("auto", "none", "dense", "gradcam")
 PATCH_DENSITIES = ("auto", "shared", "local")
 GRADCAM_TARGETS = ("density", "logit")
 # --density: the Gaussian stored in the checkpoint, or one refitted by the named estimator (density.py).
 CHECKPOINT_DENSITY = "checkpoint"
 DENSITY_ESTIMATORS = ("torch", "sklearn")
-# The threshold of predict.py: this quantile of the held-out clean training scores (about 1 % false alarms).
-DEFAULT_QUANTILE = 0.99
-PREDICT_BATCH = 64
 EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
 RUNTIMES = ("auto", "eager", "onnxruntime", "openvino")
-# reproduce.py's figures: the earlier reimplementation's bar charts start the AUROC axis at 40 %, so that differences
-# between 90 and 100 stay readable; the training curves are moving averages of this many logged points.
-FIGURES_Y_MIN = 40.0
-FIGURES_WINDOW = 10
 # --layout: the folder layouts dataset.py reads; auto detects them.
 LAYOUTS = ("auto", "mvtec", "mvtec2", "loco", "visa", "folder")
-
-
-DOC = Path(__file__).resolve().parents[1] / "doc"
-PAPER_TABLE1 = DOC / "paper_table1.csv"  # Li et al., Table 1: image AUROC per category and variant
-PAPER_TABLE2 = DOC / "paper_table2.csv"  # Li et al., Table 2: pixel AUROC per category
 
 
 def _parser(description: str | None = None, parents=()) -> argparse.ArgumentParser:
@@ -118,11 +88,13 @@ def speed_flags() -> argparse.ArgumentParser:
     return p
 
 
-def model_flags() -> argparse.ArgumentParser:
-    """What a model is: the settings a resumed or skipped run must share (runstate.RUN_KEYS)."""
+def model_flags(one_run: bool = True) -> argparse.ArgumentParser:
+    """What a model is: the settings a resumed or skipped run must share (runstate.RUN_KEYS). Without `one_run`
+    less --variant and --seed, which reproduce.py's grid takes as lists (--variants, --seeds)."""
     p = _parser()
-    p.add_argument("--variant", type=str, choices=VARIANTS, default="3way",
-                   help="CutPaste variant (section 3): normal, scar, union (2 classes) or 3way")
+    if one_run:
+        p.add_argument("--variant", type=str, choices=VARIANTS, default="3way",
+                       help="CutPaste variant (section 3): normal, scar, union (2 classes) or 3way")
     p.add_argument("--epochs", type=int, default=STEPS_PER_EPOCH,
                    help=f"optimizer steps (Li et al. call {STEPS_PER_EPOCH} steps one 'epoch')")
     p.add_argument("--batch_size", type=int, default=PAPER_BATCH_SIZE,
@@ -145,7 +117,8 @@ def model_flags() -> argparse.ArgumentParser:
     p.add_argument("--patch_size", type=int, default=0,
                    help=f"train a patch-level model on random crops of this side, CutPaste inside each (section "
                         f"4.2, paper: {PAPER_PATCH_SIZE}); 0 trains on whole images")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
+    if one_run:
+        p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
     return p
 
 
@@ -167,7 +140,7 @@ def training_flags() -> argparse.ArgumentParser:
 
 
 def training_parser(description: str = "Train CutPaste models, one per category.") -> argparse.ArgumentParser:
-    """run_training.py's flags (reproduce.py builds its runs' arguments with the same parser)."""
+    """run_training.py's flags (training_args builds its arguments in code)."""
     return _parser(description, [data_flags(), model_flags(), training_flags(), runtime_flags(), speed_flags()])
 
 
@@ -192,16 +165,21 @@ def localization_flags() -> argparse.ArgumentParser:
     return p
 
 
-def eval_flags() -> argparse.ArgumentParser:
-    p = _parser()
-    p.add_argument("--model_dir", type=Path, default=Path("models"), help="folder of checkpoints (*.tch)")
-    p.add_argument("--out_dir", type=Path, default=Path("Eval"),
-                   help="plots and tables go to out_dir/<model_dir name>")
+def add_scoring_flags(p: argparse.ArgumentParser) -> None:
+    """How eval.py scores and what it draws; reproduce.py passes them on to its evaluations."""
     p.add_argument("--density", type=str, choices=(CHECKPOINT_DENSITY, *DENSITY_ESTIMATORS),
                    default=CHECKPOINT_DENSITY,
                    help="Gaussian of the embeddings (section 3.3): the one stored in the checkpoint, or refit on "
                         "--data_dir's training images with torch or sklearn (both Ledoit-Wolf)")
     p.add_argument("--save_plots", type=int, choices=(0, 1), default=1, help="1 writes ROC, histogram, t-SNE plots")
+
+
+def eval_flags() -> argparse.ArgumentParser:
+    p = _parser()
+    p.add_argument("--model_dir", type=Path, default=Path("models"), help="folder of checkpoints (*.tch)")
+    p.add_argument("--out_dir", type=Path, default=Path("Eval"),
+                   help="plots and tables go to out_dir/<model_dir name>")
+    add_scoring_flags(p)
     p.add_argument("--head_layer", type=int, default=None,
                    help="accepted for compatibility; the checkpoint's own head layout is used")
     p.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=False,
@@ -211,9 +189,38 @@ def eval_flags() -> argparse.ArgumentParser:
 
 
 def eval_parser(description: str = "Evaluate CutPaste checkpoints on the test sets.") -> argparse.ArgumentParser:
-    """eval.py's flags (reproduce.py evaluates its runs with the same parser)."""
+    """eval.py's flags (eval_args builds its arguments in code)."""
     return _parser(description, [data_flags(), eval_flags(), localization_flags(), runtime_flags(),
                                  inference_flags()])
+
+
+def grid_flags() -> argparse.ArgumentParser:
+    """The flags reproduce.py shares with run_training.py and eval.py and passes on to each run of its grid: data,
+    model (less --variant and --seed, which the grid takes as lists), runtime, and how eval.py scores."""
+    p = argparse.ArgumentParser(add_help=False, parents=[data_flags(), model_flags(one_run=False), runtime_flags()])
+    add_scoring_flags(p)
+    return p
+
+
+def arguments(parser: argparse.ArgumentParser, shared=None, **values) -> argparse.Namespace:
+    """What `parser` would parse, built in code instead of from a command line: its defaults, then the values of
+    the Namespace `shared` that it has flags for (another script's arguments), then `values`, each one of its flags
+    by its name in the Namespace."""
+    args = vars(parser.parse_args([]))
+    if unknown := sorted(set(values) - set(args)):
+        raise TypeError(f"no such flag: --{', --'.join(unknown)} ({parser.description})")
+    common = {key: value for key, value in vars(shared or argparse.Namespace()).items() if key in args}
+    return argparse.Namespace(**{**args, **common, **values})
+
+
+def training_args(shared=None, **values) -> argparse.Namespace:
+    """run_training.py's arguments built in code (`arguments` of training_parser), e.g. training_args(epochs=10)."""
+    return arguments(training_parser(), shared, **values)
+
+
+def eval_args(shared=None, **values) -> argparse.Namespace:
+    """eval.py's arguments built in code (`arguments` of eval_parser), e.g. eval_args(model_dir=Path("models"))."""
+    return arguments(eval_parser(), shared, **values)
 
 
 def export_flags() -> argparse.ArgumentParser:

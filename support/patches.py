@@ -7,9 +7,9 @@ import torch
 from tqdm import tqdm
 
 import density as density_lib
+from config.paper import CELL_STRIDE, PATCH_BATCH
 from cutpaste import augment_batch, sample_indices
 from support.errors import CutPasteError
-from support.options import CELL_STRIDE, PATCH_BATCH
 from support.runtime import autocast, memory_format
 
 # Width of the Gaussian that spreads each patch score over its receptive field (the patch), as the

@@ -22,16 +22,19 @@ def run_name(args, variant: str, seed: int) -> str:
     return f"{variant}-{args.arch}-{init}-{args.epochs}steps-{args.size}px-seed{seed}"
 
 
-def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str]:
-    """run_training.py's command line for one run."""
+def shared_settings(args) -> argparse.Namespace:
+    """The grid's values of the flags reproduce.py shares with run_training.py and eval.py (options.grid_flags)."""
+    return argparse.Namespace(**{key: getattr(args, key) for key in vars(options.arguments(options.grid_flags()))})
+
+
+def train_args(args, variant: str, seed: int, categories: list[str]) -> argparse.Namespace:
+    """run_training.py's arguments for one run: the grid's shared settings, the run's variant, seed, categories and
+    folders, then the user's --train_args over them."""
     name = run_name(args, variant, seed)
-    return ["--data_dir", str(args.data_dir), "--type", ",".join(categories), "--layout", args.layout,
-            "--model_dir", str(args.out_dir / "models" / name), "--log_dir", str(args.out_dir / "logdirs" / name),
-            "--variant", variant, "--seed", str(seed), "--arch", args.arch,
-            "--pretrained" if args.pretrained else "--no-pretrained", "--epochs", str(args.epochs),
-            "--size", str(args.size), "--batch_size", str(args.batch_size), "--head_layer", str(args.head_layer),
-            "--test_epochs", str(args.test_epochs), "--workers", str(args.workers), "--device", args.device,
-            *shlex.split(args.train_args)]
+    run = options.training_args(shared_settings(args), type=",".join(categories), variant=variant, seed=seed,
+                                model_dir=args.out_dir / "models" / name, log_dir=args.out_dir / "logdirs" / name,
+                                test_epochs=args.test_epochs)
+    return options.training_parser().parse_args(shlex.split(args.train_args), namespace=run)
 
 
 def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
@@ -44,7 +47,7 @@ def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
 def grid_checkpoints(args, variant: str, seed: int, categories: list[str]) -> dict[str, tuple[Path, dict]]:
     """The newest checkpoint per category already in the run's folder, each checked against the grid's settings."""
     model_dir = args.out_dir / "models" / run_name(args, variant, seed)
-    expected = vars(options.training_parser().parse_args(train_argv(args, variant, seed, categories)))
+    expected = vars(train_args(args, variant, seed, categories))
     found = {}
     for category, items in checkpoints.scan(model_dir).items():
         for path, ckpt in items:
@@ -92,15 +95,13 @@ def grid_columns(args, category: str, variant: str, seed: str) -> dict:
             "batch_size": int(args.batch_size), "head_layer": int(args.head_layer)}
 
 
-def eval_namespace(args, run_dir: Path) -> argparse.Namespace:
-    """eval.py's options for scoring the checkpoints of one run folder, as its own parser makes them."""
-    ns = options.eval_parser().parse_args(
-        ["--data_dir", str(args.data_dir), "--layout", args.layout, "--model_dir", str(run_dir),
-         "--out_dir", str(args.out_dir / "eval"),
-         "--density", args.density, "--save_plots", str(args.save_plots), "--workers", str(args.workers),
-         "--device", args.device, *shlex.split(args.eval_args)])
-    choose(ns, resolve_device(ns.device, ns.cuda))
-    return ns
+def eval_args(args, run_dir: Path) -> argparse.Namespace:
+    """eval.py's arguments for scoring the checkpoints of one run folder: the grid's shared settings, the folders,
+    then the user's --eval_args over them."""
+    scoring = options.eval_args(shared_settings(args), model_dir=run_dir, out_dir=args.out_dir / "eval")
+    scoring = options.eval_parser().parse_args(shlex.split(args.eval_args), namespace=scoring)
+    choose(scoring, resolve_device(scoring.device, scoring.cuda))
+    return scoring
 
 
 def run_one(args, variant: str, seed: int, categories: list[str], results: pd.DataFrame,
@@ -115,9 +116,9 @@ def run_one(args, variant: str, seed: int, categories: list[str], results: pd.Da
         return results
     if missing := [c for c in todo if c not in found]:
         print(f"{name}: training {', '.join(missing)}")
-        training.run(options.training_parser().parse_args(train_argv(args, variant, seed, missing)))
+        training.run(train_args(args, variant, seed, missing))
         found = grid_checkpoints(args, variant, seed, categories)
-    ns = eval_namespace(args, args.out_dir / "models" / name)
+    ns = eval_args(args, args.out_dir / "models" / name)
     rows = [{**evaluation.evaluate_category(ns, c, *found[c], device), **grid_columns(args, c, variant, str(seed)),
              "models": 1, "logdir": str(args.out_dir / "logdirs" / name / found[c][0].stem)} for c in todo]
     return write_results(results, rows, args.csv)
@@ -132,7 +133,7 @@ def run_ensembles(args, categories: list[str], results: pd.DataFrame, device) ->
         if not todo:
             continue
         runs = {s: grid_checkpoints(args, variant, s, categories) for s in args.seed_list}
-        ns = eval_namespace(args, args.out_dir / "models" / run_name(args, variant, seeds))
+        ns = eval_args(args, args.out_dir / "models" / run_name(args, variant, seeds))
         for category in todo:
             row = evaluation.evaluate_ensemble(ns, category, [runs[s][category] for s in args.seed_list], device)
             rows.append({**row, **grid_columns(args, category, variant, seeds), "models": len(args.seed_list),
@@ -149,7 +150,7 @@ def run(args) -> pd.DataFrame:
     print(dataset.describe(args.data_dir, categories, args.layout))
     if args.ensemble and len(args.seed_list) < 2:
         raise CutPasteError(f"--ensemble needs at least two --seeds (got {args.seeds}), e.g. --seeds 0,1,2,3,4")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.cuda)
     args.csv = args.out_dir / "results.csv"
     results = read_results(args.csv)
     print(f"grid: {len(args.variant_list)} variants x {len(categories)} categories x {len(args.seed_list)} seeds, "
@@ -163,7 +164,6 @@ def run(args) -> pd.DataFrame:
     if args.figures_dir is not None:
         args.figures_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.csv, args.figures_dir / "results.csv")
-        figures.draw(argparse.Namespace(csv=args.figures_dir / "results.csv", out_dir=args.figures_dir,
-                                        paper=args.paper, ymin=args.ymin, window=args.window, curves=args.curves))
+        figures.draw(args.figures_dir / "results.csv", args.figures_dir, args)
     return results
 

@@ -16,7 +16,7 @@ from torch import nn
 import density as density_lib
 from support import checkpoints, patches
 from support.errors import CutPasteError
-from support.options import CELL_STRIDE, PATCH_BATCH, PATCH_SCORE_STRIDE
+from config.paper import CELL_STRIDE, PATCH_BATCH, PATCH_SCORE_STRIDE
 from support.runtime import embed_images
 
 

@@ -14,17 +14,15 @@ from tqdm import tqdm
 
 import dataset
 import density as density_lib
+from config.paper import MIN_PATCH_SIZE, PATCH_SCORE_STRIDE, SGD_MOMENTUM, WEIGHT_DECAY
 from cutpaste import VARIANT_CLASSES, make_batch
 from model import backbone_names
 from support import checkpoints, cudagraphs, distributed, inference, metrics, patches, records, runstate
 from support.errors import CutPasteError
-from support.options import MIN_PATCH_SIZE, PATCH_SCORE_STRIDE
 from support.runtime import choose, describe, embed_images, make_generator, memory_format, resolve_device
 from support.scorer import fit_scorer
 
-# Section 4.1: SGD with momentum 0.9, weight decay 3e-5 (the paper's lr, 0.03, is --lr's default).
-SGD_MOMENTUM = 0.9
-WEIGHT_DECAY = 3e-5
+# --optim adam, beside the paper's SGD: torch's usual betas.
 ADAM_BETAS = (0.9, 0.999)
 # Stride of the test patches when --test_epochs monitors a patch-level model: coarse, to stay cheap.
 MONITOR_STRIDE = 16

@@ -119,16 +119,6 @@ def test_jitter_orders_are_uniform_and_hue_stages_match_the_order():
     assert r.hue_counts == p.hue_counts and torch.equal(hue_stage[r.hue_rows], hue_stage[p.hue_rows])
 
 
-def _torchvision_jitter(image, p, i):
-    from torchvision.transforms.v2 import functional as TF
-    steps = {cp.BRIGHTNESS: (TF.adjust_brightness, p.brightness), cp.CONTRAST: (TF.adjust_contrast, p.contrast),
-             cp.SATURATION: (TF.adjust_saturation, p.saturation), cp.HUE: (TF.adjust_hue, p.hue)}
-    for step in p.order[i].tolist():
-        fn, factor = steps[step]
-        image = fn(image, factor[i].item())
-    return image
-
-
 def test_jitter_matches_torchvision_colorjitter_image_by_image():
     """Each image gets torchvision's four steps in its own order, clamps included, hue in HSV."""
     images = torch.rand(24, 3, 12, 10, generator=gen(13))
@@ -136,7 +126,7 @@ def test_jitter_matches_torchvision_colorjitter_image_by_image():
     p = cp.sample_jitter(24, gen(14))
     ours = cp.apply_jitter(images, p)
     for i in range(24):
-        assert torch.allclose(ours[i], _torchvision_jitter(images[i], p, i), atol=2e-5), i
+        assert torch.allclose(ours[i], cp.color_jitter(images[i], p, i), atol=2e-5), i
 
 
 def test_patch_jitter_uses_the_patch_alone():
@@ -150,7 +140,7 @@ def test_patch_jitter_uses_the_patch_alone():
     for i in range(12):
         h, w = int(params.height[i]), int(params.width[i])
         top, left = int(params.src_y[i] - (h - 1) / 2), int(params.src_x[i] - (w - 1) / 2)
-        expect = _torchvision_jitter(images[i, :, top:top + h, left:left + w], p, i)
+        expect = cp.color_jitter(images[i, :, top:top + h, left:left + w], p, i)
         assert torch.allclose(jittered[i, :, 0, :h * w], expect.flatten(1), atol=2e-5), i
 
 
@@ -191,3 +181,41 @@ def test_hue_shift_matches_torchvision_on_greys_ties_and_large_shifts():
     ours = cp.apply_jitter(images, hue_only)
     for i in range(40):
         assert torch.allclose(ours[i], TF.adjust_hue(images[i], shift[i].item()), atol=1e-5), i
+
+
+@pytest.mark.parametrize("kind,sample", [("cutpaste", cp.sample_cutpaste), ("scar", cp.sample_scar)])
+def test_batched_views_equal_the_method_image_by_image(kind, sample):
+    """The batched path (packed slots, staged jitter) gives what cut_box, color_jitter and paste_box give one image
+    at a time, on the parameters the same generator draws: rotated scars and torchvision's clamps included."""
+    images = torch.rand(16, 3, 40, 56, generator=gen(25))
+    images[:4] = 0.95 + 0.05 * images[:4]  # brightness pushes these past 1, so the clamps matter
+    batched = cp.cutpaste_views(images, kind, gen(26))
+    g = gen(26)
+    params, jitter = sample(16, 40, 56, g), cp.sample_jitter(16, g)
+    for i in range(16):
+        one = cp.cutpaste_image(images[i], params, jitter, i)
+        assert (one != images[i]).any(dim=0).sum() > 0, "the reference pastes something"
+        assert torch.allclose(batched[i], one, atol=2e-5), i
+
+
+@pytest.mark.parametrize("variant", ["3way", "union"])
+def test_augment_batch_equals_the_method_image_by_image(variant):
+    """augment_batch's draws, in its order: the clean images' jitter, then per view its boxes (union: a coin per
+    image, then CutPaste's and the scar's boxes) and the patches' jitter; each view applied to the jittered clean
+    image, one image at a time."""
+    base = torch.rand(12, 3, 48, 40, generator=gen(27))
+    x, _ = cp.augment_batch(base, variant, gen(28))
+    g = gen(28)
+    clean_jitter = cp.sample_jitter(12, g)
+    clean = [cp.color_jitter(base[i], clean_jitter, i) for i in range(12)]
+    views = [torch.stack(clean)]
+    for kind in (["cutpaste", "scar"] if variant == "3way" else ["union"]):
+        if kind == "union":
+            coin = torch.rand(12, generator=g) < 0.5
+            both = cp.sample_cutpaste(12, 48, 40, g), cp.sample_scar(12, 48, 40, g)
+            boxes = [both[0] if coin[i] else both[1] for i in range(12)]
+        else:
+            boxes = [{"cutpaste": cp.sample_cutpaste, "scar": cp.sample_scar}[kind](12, 48, 40, g)] * 12
+        jitter = cp.sample_jitter(12, g)
+        views.append(torch.stack([cp.cutpaste_image(clean[i], boxes[i], jitter, i) for i in range(12)]))
+    assert torch.allclose(x, torch.cat(views), atol=2e-5)

@@ -10,12 +10,12 @@ from PIL import Image
 import dataset
 import density
 import predict
+from config.paper import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
 from support import prediction
 from support.detector import Detector
 import run_training
 from support.checkpoints import CHECKPOINT_FORMAT
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
 
 
 def train_lid(out: Path, mvtec_root: Path, *extra) -> Path:

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 import reproduce
+from config.paper import PAPER_TABLE1
 from support import evaluation, reproduction, training
 from support import figures as drawing
-from support.options import PAPER_TABLE1
 from support.errors import CutPasteError
 
 TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--test_epochs", "2"]
@@ -107,3 +107,26 @@ def test_table_statistics_and_paper_columns(tmp_path):
     assert table.loc["mean", "3way: this implementation"] == "90.0 ± 2.1"  # per-seed means 88.5 and 91.5
     assert table.loc["bottle", "3way: Li et al. Table 1"] == "98.3"
     assert table.loc["mean", "3way: Li et al. Table 1"] == f"{(98.3 + 80.6) / 2:.1f}"  # over the same categories
+
+
+def test_each_run_gets_the_arguments_of_its_command_line(tmp_path):
+    """A grid's run gets from the grid's own flags, its variant and seed and --train_args (--eval_args) the
+    arguments that run_training.py's (eval.py's) parser makes of the equivalent command line, nothing more."""
+    import eval as eval_script
+    import run_training
+    from support.runtime import choose, resolve_device
+    args = reproduce.resolve_args(reproduce.get_args_parser().parse_args(
+        ["--preset", "demo", "--out_dir", str(tmp_path), "--lr", "0.01", "--workers", "0", "--density", "torch",
+         "--train_args", "--log_every 8 --freeze_resnet 3", "--eval_args", "--stride 8"]))
+    name = reproduction.run_name(args, "scar", 2)
+    command = ["--data_dir", "demo_data", "--type", "lid", "--model_dir", str(tmp_path / "models" / name),
+               "--log_dir", str(tmp_path / "logdirs" / name), "--variant", "scar", "--seed", "2", "--no-pretrained",
+               "--epochs", "300", "--size", "64", "--test_epochs", "25", "--lr", "0.01", "--workers", "0",
+               "--log_every", "8", "--freeze_resnet", "3"]
+    assert reproduction.train_args(args, "scar", 2, ["lid"]) == run_training.get_args_parser().parse_args(command)
+    expected = eval_script.get_args_parser().parse_args(
+        ["--data_dir", "demo_data", "--type", "lid", "--model_dir", str(tmp_path / name), "--out_dir",
+         str(tmp_path / "eval"), "--density", "torch", "--save_plots", "0", "--workers", "0", "--head_layer", "1",
+         "--stride", "8"])
+    choose(expected, resolve_device(expected.device))
+    assert reproduction.eval_args(args, tmp_path / name) == expected

@@ -1,5 +1,6 @@
 """The scoring graph (support/scorer.py) and how it runs (support/inference.py): the Scorer computes the paper's
-scores, every runtime gives the eager float32 scores within 1e-4 and the same decisions, and auto picks as documented."""
+scores, every runtime gives the eager float32 scores within 1e-4 and the same decisions, and auto picks as
+documented."""
 import pytest
 import torch
 

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 import density as density_lib  # noqa: E402
 from benchmark import cpuinfo, publish  # noqa: E402
+from config import paper  # noqa: E402
 from support import checkpoints, inference, options, patches  # noqa: E402
 from support.errors import run_main  # noqa: E402
 from support.runtime import bf16_supported, resolve_device  # noqa: E402
@@ -30,11 +31,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Time the scoring graph per runtime and memory format.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     options.add_device_flag(p)
-    p.add_argument("--size", type=int, default=options.PAPER_SIZE, help="image side in pixels (paper: 256)")
-    p.add_argument("--batch", type=int, default=options.PAPER_BATCH_SIZE, help="images per call at --size")
-    p.add_argument("--patch_size", type=int, default=options.PAPER_PATCH_SIZE, help="dense maps' patch side (paper: 64)")
-    p.add_argument("--patch_batch", type=int, default=options.PATCH_BATCH, help="patches per call at --patch_size")
-    p.add_argument("--stride", type=int, default=options.PAPER_STRIDE, help="dense map stride (paper: 4)")
+    p.add_argument("--size", type=int, default=paper.PAPER_SIZE, help="image side in pixels (paper: 256)")
+    p.add_argument("--batch", type=int, default=paper.PAPER_BATCH_SIZE, help="images per call at --size")
+    p.add_argument("--patch_size", type=int, default=paper.PAPER_PATCH_SIZE, help="dense maps' patch side (paper: 64)")
+    p.add_argument("--patch_batch", type=int, default=paper.PATCH_BATCH, help="patches per call at --patch_size")
+    p.add_argument("--stride", type=int, default=paper.PAPER_STRIDE, help="dense map stride (paper: 4)")
     p.add_argument("--patch_density", type=str, choices=("shared", "local"), default="local",
                    help="dense maps: one Gaussian, or one per location cell (eval.py's choice for bottle)")
     p.add_argument("--iters", type=int, default=3, help="timed calls per measurement (medians are kept)")
@@ -78,8 +79,8 @@ def scorers(args) -> dict:
     model = checkpoints.build_model(1, 2).eval()
     dim, gen = model.embed_dim, torch.Generator().manual_seed(0)
     mean = density_lib.normalize(torch.randn(1, dim, generator=gen))
-    cells = len(patches.patch_positions(args.size, args.patch_size, options.CELL_STRIDE)) ** 2
-    cell_of = patches.nearest_cells(args.size, args.size, args.patch_size, args.stride, options.CELL_STRIDE)
+    cells = len(patches.patch_positions(args.size, args.patch_size, paper.CELL_STRIDE)) ** 2
+    cell_of = patches.nearest_cells(args.size, args.size, args.patch_size, args.stride, paper.CELL_STRIDE)
     local = args.patch_density == "local"
     return {"256": Scorer(model, mean, torch.eye(dim), args.size),
             "patch": Scorer(model, mean, torch.eye(dim), args.patch_size),

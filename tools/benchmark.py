@@ -27,6 +27,7 @@ from torchvision.transforms import v2 as T  # noqa: E402
 
 import dataset  # noqa: E402
 import density  # noqa: E402
+from config.paper import PAPER_BATCH_SIZE, PAPER_SIZE, VARIANTS  # noqa: E402
 from cutpaste import COLOR_JITTER, CUTPASTE_AREA_RATIO, CUTPASTE_ASPECT_RATIO, VARIANT_CLASSES  # noqa: E402
 from support import checkpoints, evaluation, options, runtime, training  # noqa: E402
 from support.errors import CutPasteError, run_main  # noqa: E402
@@ -43,9 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", type=Path, default=None, help="data root (none: random images, no eval)")
     options.add_layout_flag(p)
     p.add_argument("--type", type=str, default="bottle", help="category to load from --data_dir")
-    p.add_argument("--size", type=int, default=options.PAPER_SIZE, help="image side in pixels")
-    p.add_argument("--variant", type=str, choices=options.VARIANTS, default="normal", help="CutPaste variant")
-    p.add_argument("--batch_size", type=int, default=options.PAPER_BATCH_SIZE, help="clean images per step")
+    p.add_argument("--size", type=int, default=PAPER_SIZE, help="image side in pixels")
+    p.add_argument("--variant", type=str, choices=VARIANTS, default="normal", help="CutPaste variant")
+    p.add_argument("--batch_size", type=int, default=PAPER_BATCH_SIZE, help="clean images per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (medians are kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True, help="also time the reference")
@@ -178,8 +179,11 @@ def bench_eval(args, t, images, device) -> dict:
                  "--model_dir", str(t.model_dir), "--out_dir", str(Path(tmp) / "Eval"), "--device", str(device),
                  "--workers", str(args.workers), "--amp" if t.amp else "--no-amp",
                  "--channels_last" if t.channels_last else "--no-channels_last"]
-        fns = {"ours: eval in-process s":
-                   lambda: evaluation.run(options.eval_parser().parse_args([*flags, "--save_plots", "0"])),
+        # The same settings as eval.py's arguments, without plots, for the in-process timing.
+        same = {"data_dir": args.data_dir, "type": args.type, "layout": args.layout, "model_dir": t.model_dir,
+                "out_dir": Path(tmp) / "Eval", "device": str(device), "workers": args.workers, "amp": t.amp,
+                "channels_last": t.channels_last, "save_plots": 0}
+        fns = {"ours: eval in-process s": lambda: evaluation.run(options.eval_args(**same)),
                "ours: eval command s (python eval.py, plots on)":
                    lambda: run_command([sys.executable, str(ROOT / "eval.py"), *flags])}
         if args.reference:
@@ -238,9 +242,9 @@ def main(argv=None) -> dict:
     keep, args.keep_freed_memory = args.keep_freed_memory, False  # set after the reference has run (below)
     runtime.choose(args, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    t = options.training_parser().parse_args(["--no-pretrained"])  # run_training.py's optimizer, head and seed
-    for name in ("variant", "batch_size", "size", "amp", "channels_last", "cuda_graph", "workers"):
-        setattr(t, name, getattr(args, name))
+    # run_training.py's optimizer, head and seed, with the benchmark's data and runtime settings.
+    t = options.training_args(pretrained=False, **{name: getattr(args, name) for name in (
+        "variant", "batch_size", "size", "amp", "channels_last", "cuda_graph", "workers")})
     images = (dataset.MVTecTrain(args.data_dir, args.type, args.size, args.workers, args.layout).images
               if args.data_dir else torch.randint(0, 256, (max(64, args.batch_size), 3, args.size, args.size),
                                                   dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
