@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import urllib.error
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -97,27 +98,35 @@ def code_version() -> str:
 
 
 def weights_cache_path(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    """Where torchvision's loader keeps `weights`: <torch hub folder>/checkpoints/<the file name in its address>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(weights.url).path)
 
 
 def load_pretrained_state(weights) -> dict:
-    """An ImageNet state dict from torchvision's cache; one download is tried, with a timeout, when absent."""
+    """An ImageNet state dict through torchvision's own loader, which creates the cache folder, downloads once
+    when the file is absent and checks the download's SHA-256 against the prefix in its name; a stalled download
+    ends after DOWNLOAD_TIMEOUT_S with a clear message instead of a hang."""
     path = weights_cache_path(weights)
-    if not path.exists():
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            torch.hub.download_url_to_file(weights.url, str(path), progress=True)
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            raise CutPasteError(f"ImageNet weights are not cached at {path} and could not be downloaded ({err}); "
-                                f"download {weights.url} to that path (or set TORCH_HOME), "
-                                f"or train with --no-pretrained") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
+    cached = path.exists()
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return weights.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CutPasteError(f"cannot read ImageNet weights {path} ({err}); delete it and retry") from None
+        raise CutPasteError(pretrained_error(weights, path, cached, err)) from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def pretrained_error(weights, path: Path, cached: bool, err: Exception) -> str:
+    """The one-line message for a failure of load_pretrained_state: offline, a corrupt download, or a bad file."""
+    if not cached and "invalid hash value" in str(err):  # torch.hub's words for a download that is not the file
+        return (f"the download of {weights.url} does not have the SHA-256 its name promises ({err}); nothing was "
+                f"kept in {path.parent}: retry, or train with --no-pretrained")
+    if not cached and isinstance(err, (urllib.error.URLError, OSError, TimeoutError)):
+        return (f"ImageNet weights are not cached at {path} and could not be downloaded ({err}); download "
+                f"{weights.url} to that path (or set TORCH_HOME), or train with --no-pretrained")
+    return f"cannot read ImageNet weights {path} ({type(err).__name__}: {str(err)[:200]}); delete it and retry"
 
 
 def build_model(head_layer: int, num_classes: int, arch: str = DEFAULT_ARCH) -> ProjectionNet:
