@@ -47,7 +47,7 @@ def main(argv=None):
               * 255).to(torch.uint8)
     runner = patches.Runner(model, device, args.amp, args.channels_last, args.patch_batch, progress=False)
     density, _ = patches.fit_patch_density(runner, images[:2], args.patch_size, local=args.patch_density == "local")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = runtime.synchronizer(device)
     per_image = []
     # One bar for the run, as gpu_checks.sh keeps the output in a file; the first image is a warm-up, not counted.
     for i in tqdm(range(args.images + 1), desc="dense maps", dynamic_ncols=True):
