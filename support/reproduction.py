@@ -1,5 +1,6 @@
 """The grid behind reproduce.py: train and evaluate variants x categories x seeds into one tidy CSV."""
 import argparse
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -8,7 +9,6 @@ import pandas as pd
 
 import dataset
 from support import checkpoints, demo_data, evaluation, figures, options, training
-from support.checkpoints import atomic_write
 from support.errors import CutPasteError
 from support.runstate import RUN_KEYS
 from support.runtime import choose, resolve_device
@@ -22,6 +22,14 @@ def run_name(args, variant: str, seed: int) -> str:
     return f"{variant}-{args.arch}-{init}-{args.epochs}steps-{args.size}px-seed{seed}"
 
 
+def split_args(text: str) -> list[str]:
+    """--train_args / --eval_args split as the shell at hand would: POSIX rules, except on Windows, where a
+    backslash is a path separator (C:\\data), not an escape; quotes around a word are dropped on both."""
+    if os.name != "nt":
+        return shlex.split(text)
+    return [w[1:-1] if len(w) > 1 and w[0] == w[-1] and w[0] in "\"'" else w for w in shlex.split(text, posix=False)]
+
+
 def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str]:
     """run_training.py's command line for one run."""
     name = run_name(args, variant, seed)
@@ -31,7 +39,7 @@ def train_argv(args, variant: str, seed: int, categories: list[str]) -> list[str
             "--pretrained" if args.pretrained else "--no-pretrained", "--epochs", str(args.epochs),
             "--size", str(args.size), "--batch_size", str(args.batch_size), "--head_layer", str(args.head_layer),
             "--test_epochs", str(args.test_epochs), "--workers", str(args.workers), "--device", args.device,
-            *shlex.split(args.train_args)]
+            *split_args(args.train_args)]
 
 
 def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
@@ -82,7 +90,7 @@ def write_results(results: pd.DataFrame, rows: list[dict], path: Path) -> pd.Dat
     frame = frame[~frame.apply(row_key, axis=1).duplicated(keep="last")]
     frame = frame.sort_values(["backbone", "pretrained", "steps", "size", "variant", "category", "seed"],
                               key=lambda col: col.astype(str)).reset_index(drop=True)
-    atomic_write(path, lambda fh: frame.to_csv(fh, index=False), mode="w")
+    checkpoints.write_csv(frame, path)
     return frame
 
 
@@ -98,7 +106,7 @@ def eval_namespace(args, run_dir: Path) -> argparse.Namespace:
         ["--data_dir", str(args.data_dir), "--layout", args.layout, "--model_dir", str(run_dir),
          "--out_dir", str(args.out_dir / "eval"),
          "--density", args.density, "--save_plots", str(args.save_plots), "--workers", str(args.workers),
-         "--device", args.device, *shlex.split(args.eval_args)])
+         "--device", args.device, *split_args(args.eval_args)])
     choose(ns, resolve_device(ns.device, ns.cuda))
     return ns
 
