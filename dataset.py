@@ -16,6 +16,7 @@ resized once into uint8 (N, 3, size, size). torch is imported inside the functio
 """
 import argparse
 import csv
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,9 +55,16 @@ class TestItem:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files in `folder`, sorted (none if no folder); hidden ones (.DS_Store, macOS's ._*) are not images."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith(".")) if folder.is_dir() else []
+    """Image files in `folder`, sorted by their text (none if no folder); hidden ones (.DS_Store, macOS's ._*) are
+    not images."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith(".")), key=str) if folder.is_dir() else []
+
+
+def _absolute(path: Path) -> Path:
+    """`path` made absolute lexically ('.' and '..' folded as written, links kept): a data tree linked in from
+    another disk stays where the user put it."""
+    return Path(os.path.abspath(path))
 
 
 def _subfolders(folder: Path, skip=()) -> list[str]:
@@ -67,7 +75,7 @@ def _subfolders(folder: Path, skip=()) -> list[str]:
 def layout_of(folder: Path) -> str | None:
     """The layout of a category folder; None when `folder` is no category folder."""
     folder = Path(folder)
-    if (folder / "Data" / "Images").is_dir() and (folder.resolve().parent / VISA_TABLE).is_file():
+    if (folder / "Data" / "Images").is_dir() and (_absolute(folder).parent / VISA_TABLE).is_file():
         return "visa"
     if (folder / "test_public").is_dir():
         return "mvtec2"
@@ -78,7 +86,7 @@ def layout_of(folder: Path) -> str | None:
 
 def _check_level(root: Path, in_folder_ok: bool) -> None:
     """Refuse a --data_dir inside a category folder (its train/ or train/good/, say), naming the one to give."""
-    ups = [(up, layout_of(up)) for up in list(root.resolve().parents)[:3]]
+    ups = [(up, layout_of(up)) for up in list(_absolute(root).parents)[:3]]
     # A category of another layout first: a plain folder's look (good/) is also that of a train/ folder.
     found = ([up for up, kind in ups if kind not in (None, "folder")]
              or [up for up, kind in ups if kind == "folder" and not in_folder_ok])
@@ -91,7 +99,7 @@ def present_categories(root: Path) -> list[str]:
     """Category folders of `root` (`root` itself when it is one): MVTec AD's in Table 1 order, then the others."""
     root = Path(root)
     if layout_of(root) is not None:
-        return [root.resolve().name]
+        return [_absolute(root).name]
     found = [name for name in _subfolders(root) if layout_of(root / name) is not None]
     return [c for c in MVTEC_CATEGORIES if c in found] + [c for c in found if c not in MVTEC_CATEGORIES]
 
@@ -104,10 +112,12 @@ def locate(root: Path, category: str, layout: str = "auto") -> tuple[Path, str]:
     own = layout_of(root)
     if own == "folder":  # a category's train/ holds good/ too
         _check_level(root, True)
-    if own is not None and category != root.resolve().name:
-        raise CutPasteError(f"--data_dir {root} is the folder of category {root.resolve().name!r}, not {category!r}; "
-                            f"give --data_dir {root.resolve().parent} for --type {category}")
-    folder = root.resolve() if own is not None else root / category
+    if own is not None and category != _absolute(root).name:
+        raise CutPasteError(f"--data_dir {root} is the folder of category {_absolute(root).name!r}, not "
+                            f"{category!r}; give --data_dir {_absolute(root).parent} for --type {category}")
+    if own is None:
+        _check_spelling(root, category)
+    folder = _absolute(root) if own is not None else root / category
     if not folder.is_dir():
         present = present_categories(root)
         if not present:
@@ -120,6 +130,15 @@ def locate(root: Path, category: str, layout: str = "auto") -> tuple[Path, str]:
                             f"(a plain folder) or Data/Images/ beside ../{VISA_TABLE} (VisA); put its clean images "
                             f"in {folder / GOOD}")
     return folder, found if layout == "auto" else layout
+
+
+def _check_spelling(root: Path, category: str) -> None:
+    """Refuse --type Lid for a folder lid/: a case-insensitive disk (macOS, Windows) opens it, but VisA's table and
+    the results know the category by its folder's spelling."""
+    names = os.listdir(root)
+    same = [name for name in names if name.casefold() == category.casefold()]
+    if category not in names and same:
+        raise CutPasteError(f"--type {category}: the folder in {root} is spelled {same[0]!r}; give --type {same[0]}")
 
 
 def resolve_categories(root: Path, types: str, layout: str = "auto") -> list[str]:
@@ -156,7 +175,7 @@ def _visa_rows(folder: Path) -> list[tuple[str, int, Path, Path | None]]:
     table = folder.parent / VISA_TABLE
     if not table.is_file():
         raise CutPasteError(f"VisA split table {table} does not exist; give --data_dir the VisA root that holds it")
-    with open(table, newline="") as f:
+    with open(table, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not {"object", "split", "label", "image", "mask"} <= set(reader.fieldnames or ()):
             raise CutPasteError(f"{table} lacks the columns object,split,label,image,mask; use VisA's own file")
@@ -166,12 +185,13 @@ def _visa_rows(folder: Path) -> list[tuple[str, int, Path, Path | None]]:
 
 
 def _below(root: Path, relative: str, table: Path) -> Path:
-    """A path named in a file, kept below `root`: what a file says never points elsewhere."""
-    path = root / relative
-    if Path(relative).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+    """A path named in a file, kept below `root`: what a file says never points elsewhere. Checked lexically (no
+    absolute path or drive, no '..' above the root), so folders linked in from another disk are read."""
+    norm = os.path.normpath(relative)  # the path used is the one checked: "a/../b" is b even where a is a link
+    if Path(relative).anchor or norm == os.pardir or norm.startswith(os.pardir + os.sep):
         raise CutPasteError(f"{table} names {relative!r}, which is outside {root}; VisA's table names files below "
                             f"its root: use VisA's own file")
-    return path
+    return root / norm
 
 
 def _folder_split(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -185,7 +205,8 @@ def list_train_images(root: Path, category: str, layout: str = "auto") -> list[P
     folder, layout = locate(root, category, layout)
     if layout == "visa":
         where = folder.parent / VISA_TABLE
-        files = sorted(img for split, label, img, _ in _visa_rows(folder) if split == "train" and label == 0)
+        files = sorted((img for split, label, img, _ in _visa_rows(folder) if split == "train" and label == 0),
+                       key=str)
     elif layout == "folder":
         where, files = folder / GOOD, _folder_split(folder)[0]
     else:
@@ -257,7 +278,7 @@ def list_test_items(root: Path, category: str, layout: str = "auto") -> list[Tes
         raise CutPasteError(f"found 0 test images in {where}; put test images in {where}/good and "
                             f"{where}/<defect>" + (f" (good/ needs {HOLDOUT}+ images to hold some out)"
                                                   if layout == "folder" else ""))
-    items.sort(key=lambda it: it.path)
+    items.sort(key=lambda it: str(it.path))
     if len({it.label for it in items}) < 2:
         warnings.warn(f"{where} holds only {'good' if items[0].label == 0 else 'defective'} test images; "
                       f"AUROC is undefined")

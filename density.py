@@ -26,6 +26,11 @@ def no_spread_message(n: int) -> str:
             f"identical ones); add more, different clean images to train/good")
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 work for tensors on `device` runs: there, but on the CPU for MPS, which has no float64."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Ledoit-Wolf covariance (D, D) of (N, D) samples and shrinkage s in [0, 1]: (1 - s) S + s * mu I, S empirical,
     mu = tr(S) / D, s = min(beta, delta) / delta as in Ledoit & Wolf (2004), lemmas 3.2-3.4."""
@@ -65,10 +70,12 @@ class GaussianDensityTorch:
     name = "torch"
 
     def fit(self, embeds: torch.Tensor) -> "GaussianDensityTorch":
-        """embeds: (N, D) clean training embeddings (L2-normalised)."""
+        """embeds: (N, D) clean training embeddings (L2-normalised). The covariance and its inverse are computed in
+        float64, on the CPU for a device without float64 (Apple's MPS), then the precision moves to the device."""
         self.mean = embeds.float().mean(dim=0)
-        cov, self.shrinkage = ledoit_wolf(embeds.float())
-        self.precision = torch.linalg.inv(cov).float()
+        where = float64_device(embeds.device)
+        cov, self.shrinkage = ledoit_wolf(embeds.float().to(where))
+        self.precision = torch.linalg.inv(cov).float().to(embeds.device)
         return self
 
     def score(self, embeds: torch.Tensor) -> torch.Tensor:

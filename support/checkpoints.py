@@ -6,10 +6,13 @@ import contextlib
 import datetime
 import io
 import os
+import re
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -26,6 +29,19 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "category", "config", "model", "state_dict", "density")
 # How long a weights download may stall before a clear message instead of a hang on a machine without network.
 DOWNLOAD_TIMEOUT_S = 20.0
+# Seconds waited before each retry of a refused rename over an existing file: on Windows a file another program
+# holds open (a spreadsheet showing the CSV, an antivirus scan) cannot be replaced until it lets go.
+REPLACE_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+# Names Windows gives to devices, in any case and with any extension: a file "CON.csv" is the console, not a file.
+RESERVED_NAMES = re.compile(r"(CON|PRN|AUX|NUL|CONIN\$|CONOUT\$|(COM|LPT)[0-9\u00b9\u00b2\u00b3])(\..*)?",
+                            re.IGNORECASE)
+# Characters no Windows file name may hold (':' also makes "C:x" a path relative to drive C's working folder).
+NOT_IN_NAMES = '<>:"|?*/\\'
+
+
+class FileInUse(CutPasteError, PermissionError):
+    """A file that could not be replaced because another program holds it: one line for the user (a CutPasteError),
+    and still the OSError that callers who keep going after a failed write catch."""
 
 
 def atomic_write(path: Path, write, mode: str = "wb") -> None:
@@ -33,19 +49,39 @@ def atomic_write(path: Path, write, mode: str = "wb") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}  # the same bytes on every system
     try:
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode, **text) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; shared folders stay shared
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace(src, dst: Path) -> None:
+    """os.replace(src, dst), retried for about 1.5 s while the system refuses it (Windows, where another program
+    holds `dst` open); then FileInUse, naming the file."""
+    for wait in (*REPLACE_WAITS_S, None):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError as err:
+            if wait is None:
+                raise FileInUse(f"cannot replace {dst}: another program holds it open ({err.strerror or err}); "
+                                f"close it there (a spreadsheet, a viewer) and rerun") from None
+            time.sleep(wait)
+
+
+def write_csv(frame, path: Path) -> None:
+    """A pandas frame as CSV, atomically, rows ending in '\\n' (pandas ends them in os.linesep, '\\r\\n' on Windows)."""
+    atomic_write(path, lambda fh: frame.to_csv(fh, index=False, lineterminator="\n"), "w")
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -54,6 +90,17 @@ def atomic_save(obj, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
+
+
+def same_folder(recorded: str, folder) -> bool:
+    """Whether the path text `recorded` names `folder`: the same text, or the same folder on disk (spelled in
+    another case on a case-insensitive disk, or reached through another drive letter on Windows)."""
+    if recorded == str(folder):
+        return True
+    try:
+        return os.path.samefile(recorded, folder)
+    except (OSError, ValueError):  # one of them is gone, or not a path here
+        return False
 
 
 def writable_folder(folder: Path, flag: str) -> Path:
@@ -78,9 +125,16 @@ def writable_file(path: Path, flag: str) -> Path:
     return path
 
 
+def is_plain_name(value) -> bool:
+    """One file name on every system: no separator, drive (C:x), device name (CON, NUL, COM1), control character,
+    and no trailing dot or space, which Windows drops (so "lid." would be "lid")."""
+    return (isinstance(value, str) and value not in ("", ".", "..") and not any(c in NOT_IN_NAMES for c in value)
+            and all(ord(c) >= 32 for c in value) and value[-1] not in ". " and not RESERVED_NAMES.fullmatch(value))
+
+
 def plain_name(value, what: str, path: Path) -> str:
     """A name read from a file, checked to be one plain path component: data never becomes a path."""
-    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+    if not is_plain_name(value):
         raise CutPasteError(f"{path} holds {what} {value!r}, which is not a plain name; it was not written by "
                             f"this project: remove it from the folder")
     return value
@@ -97,27 +151,35 @@ def code_version() -> str:
 
 
 def weights_cache_path(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    """Where torchvision's loader keeps `weights`: <torch hub folder>/checkpoints/<the file name in its address>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(weights.url).path)
 
 
 def load_pretrained_state(weights) -> dict:
-    """An ImageNet state dict from torchvision's cache; one download is tried, with a timeout, when absent."""
+    """An ImageNet state dict through torchvision's own loader, which creates the cache folder, downloads once
+    when the file is absent and checks the download's SHA-256 against the prefix in its name; a stalled download
+    ends after DOWNLOAD_TIMEOUT_S with a clear message instead of a hang."""
     path = weights_cache_path(weights)
-    if not path.exists():
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            torch.hub.download_url_to_file(weights.url, str(path), progress=True)
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            raise CutPasteError(f"ImageNet weights are not cached at {path} and could not be downloaded ({err}); "
-                                f"download {weights.url} to that path (or set TORCH_HOME), "
-                                f"or train with --no-pretrained") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
+    cached = path.exists()
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return weights.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CutPasteError(f"cannot read ImageNet weights {path} ({err}); delete it and retry") from None
+        raise CutPasteError(pretrained_error(weights, path, cached, err)) from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def pretrained_error(weights, path: Path, cached: bool, err: Exception) -> str:
+    """The one-line message for a failure of load_pretrained_state: offline, a corrupt download, or a bad file."""
+    if not cached and "invalid hash value" in str(err):  # torch.hub's words for a download that is not the file
+        return (f"the download of {weights.url} does not have the SHA-256 its name promises ({err}); nothing was "
+                f"kept in {path.parent}: retry, or train with --no-pretrained")
+    if not cached and isinstance(err, (urllib.error.URLError, OSError, TimeoutError)):
+        return (f"ImageNet weights are not cached at {path} and could not be downloaded ({err}); download "
+                f"{weights.url} to that path (or set TORCH_HOME), or train with --no-pretrained")
+    return f"cannot read ImageNet weights {path} ({type(err).__name__}: {str(err)[:200]}); delete it and retry"
 
 
 def build_model(head_layer: int, num_classes: int, arch: str = DEFAULT_ARCH) -> ProjectionNet:
@@ -158,10 +220,16 @@ def make_checkpoint(model: ProjectionNet, args, category: str, steps: int, densi
     }
 
 
+def mapping_blocks_replacing() -> bool:
+    """True on Windows, where a memory-mapped file cannot be replaced or deleted (a retrain, an atomic write over
+    it) while any tensor read from it lives; elsewhere the mapping keeps the old file's data and the name moves on."""
+    return os.name == "nt"
+
+
 def read_checkpoint(path: Path) -> dict:
     try:
         # mmap: only the tensors used are read, so matching a category among many checkpoints is cheap.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=not mapping_blocks_replacing())
     except Exception as err:
         raise CutPasteError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:200]}); "
                             f"it may be truncated or not a CutPaste checkpoint: retrain or remove it") from None
@@ -180,7 +248,7 @@ def scan(model_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
     """Every checkpoint in `model_dir` per category (the one stored inside each file), oldest first."""
     model_dir = Path(model_dir)
     found: dict[str, list[tuple[Path, dict]]] = {}
-    for path in sorted(model_dir.glob("*.tch")) if model_dir.is_dir() else []:
+    for path in sorted(model_dir.glob("*.tch"), key=str) if model_dir.is_dir() else []:
         ckpt = read_checkpoint(path)
         found.setdefault(ckpt["category"], []).append((path, ckpt))
     return {cat: sorted(items, key=lambda pc: (pc[1]["created"], pc[0].name)) for cat, items in found.items()}

@@ -131,7 +131,11 @@ def check_member(member: tarfile.TarInfo, root: Path, archive: Path) -> None:
                             f"archive; nothing was extracted")
     real_root = os.path.realpath(root)
     target = os.path.realpath(os.path.join(real_root, member.name))
-    if os.path.isabs(member.name) or os.path.commonpath([real_root, target]) != real_root:
+    try:
+        inside = os.path.commonpath([real_root, target]) == real_root
+    except ValueError:  # Windows: a name with a drive ("D:x") lands on another drive, with no common path
+        inside = False
+    if os.path.isabs(member.name) or not inside:
         raise CutPasteError(f"refused member {member.name!r} in {archive}: it would be written outside {root}; "
                             f"nothing was extracted")
 
@@ -174,7 +178,7 @@ def download_mvtec(dest: Path, url: str = MVTEC_URL, sha256: str = MVTEC_SHA256,
         raise CutPasteError(f"--download {dest} is a file; give a folder to download and extract into")
     dest.mkdir(parents=True, exist_ok=True)
     marker = dest / DONE_MARKER
-    if marker.exists() and marker.read_text().strip() == sha256.lower():
+    if marker.exists() and marker.read_text(encoding="utf-8").strip() == sha256.lower():
         print(f"{dest} already holds the extracted archive ({marker.name}); nothing to do")
         return []
     archive = dest / name
@@ -182,7 +186,7 @@ def download_mvtec(dest: Path, url: str = MVTEC_URL, sha256: str = MVTEC_SHA256,
         fetch(url, archive, retries, timeout)
     verify(archive, sha256)
     entries = safe_extract(archive, dest)
-    marker.write_text(sha256.lower() + "\n")
+    marker.write_text(sha256.lower() + "\n", encoding="utf-8", newline="\n")
     if not keep_archive:
         archive.unlink()
     return entries

@@ -38,7 +38,7 @@ def results_folder(args, ensemble: bool = False) -> Path:
     for n in itertools.count(1):
         out = Path(args.out_dir) / (base if n == 1 else f"{base}-{n}")
         marker = out / "model_dir.txt"
-        if not marker.exists() or marker.read_text().strip() == source:
+        if not marker.exists() or checkpoints.same_folder(marker.read_text(encoding="utf-8").strip(), source):
             break
     checkpoints.writable_folder(out, "--out_dir")
     if not marker.exists():
@@ -142,13 +142,14 @@ def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
     mean = {col: frame[col].mean() for col in ("image_auroc", "paper_image_auroc", *PIXEL_COLUMNS) if col in frame}
     frame = pd.concat([frame, pd.DataFrame([{"category": "mean", **mean}])], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "results.csv", index=False)
+    frame.to_csv(out / "results.csv", index=False, lineterminator="\n")
     shown = pd.DataFrame({"category": frame["category"], "variant": frame["variant"].fillna(""),
                           "image AUROC (%)": frame["image_auroc"].map(_pct),
                           "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
                           "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s)))})
     shown = shown.assign(**{title: frame[col].map(_pct) for col, title in PIXEL_COLUMNS.items() if col in frame})
-    (out / "results.md").write_text(shown.to_markdown(index=False, stralign="right") + "\n")
+    (out / "results.md").write_text(shown.to_markdown(index=False, stralign="right") + "\n", encoding="utf-8",
+                                    newline="\n")
     return frame
 
 

@@ -147,7 +147,7 @@ def write_table(frame: pd.DataFrame, paper: pd.DataFrame, source: Path, path: Pa
             parts += ["", title, "", summary_table(frame, paper, metric).to_markdown(index=False, stralign="right",
                                                                                    disable_numparse=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts) + "\n")
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8", newline="\n")  # '±' in any locale
     return path
 
 

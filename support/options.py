@@ -30,7 +30,8 @@ def _parser(description: str | None = None, parents=()) -> argparse.ArgumentPars
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    p.add_argument("--device", type=str, default="auto",
+                   help="cpu, cuda, cuda:N, mps (Apple GPU), or auto (CUDA, else MPS, where available)")
 
 
 def add_layout_flag(p: argparse.ArgumentParser) -> None:

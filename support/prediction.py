@@ -4,7 +4,7 @@ import glob
 import math
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
@@ -65,14 +65,26 @@ def overlay_image(image_u8: torch.Tensor, label: str, score: float, threshold: f
 OVERLAY_SUFFIX = ".overlay.png"
 
 
+def mirrored(resolved: list[PurePath]) -> list[PurePath]:
+    """Absolute paths made relative to their deepest common folder; with none (Windows, inputs on several drives)
+    each below its drive, under the drive's name ('C', or the share's)."""
+    common = resolved[0].parent
+    while not all(p.is_relative_to(common) for p in resolved) and common != common.parent:
+        common = common.parent
+    if all(p.is_relative_to(common) for p in resolved):
+        return [p.relative_to(common) for p in resolved]
+    return [type(p)("".join(c for c in p.drive if c.isalnum() or c in "._-") or "root", *p.parts[1:])
+            for p in resolved]
+
+
 def overlay_paths(paths: list[Path], out_dir: Path) -> dict[str, Path]:
     """Each input's overlay: the input tree mirrored under out_dir, <name>.<ext>.overlay.png, unique per input.
-    Refused (before any scoring) where an overlay would land on an input, e.g. a rerun into the input folder."""
+    Refused (before any scoring) where an overlay would land on an input, e.g. a rerun into the input folder: the
+    same file, whatever its path's spelling (os.path.samefile's test)."""
     resolved = [Path(p).resolve() for p in paths]
-    root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
-    targets = {str(p): Path(out_dir) / (os.path.relpath(r, root) + OVERLAY_SUFFIX) for p, r in zip(paths, resolved)}
-    inputs = set(resolved)
-    clash = next((t for t in targets.values() if t.resolve() in inputs), None)
+    targets = {str(p): Path(out_dir) / f"{m}{OVERLAY_SUFFIX}" for p, m in zip(paths, mirrored(resolved))}
+    inputs = {(st.st_dev, st.st_ino) for st in map(os.stat, resolved)}
+    clash = next((t for t in targets.values() if t.exists() and (t.stat().st_dev, t.stat().st_ino) in inputs), None)
     if clash is not None:
         raise CutPasteError(f"--overlay_dir {out_dir} would write {clash}, which is one of the inputs; choose an "
                             f"--overlay_dir outside the inputs (or move the earlier overlays away)")
@@ -144,7 +156,7 @@ def run(args) -> list[Prediction]:
             print(f"warning: {r.error}", file=sys.stderr)
     frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
                          columns=["path", "score", "label", "threshold", "error"])
-    checkpoints.atomic_write(args.out, lambda fh: frame.to_csv(fh, index=False), "w")
+    checkpoints.write_csv(frame, args.out)
     n_bad, flagged = sum(r.label == UNREADABLE for r in results), sum(r.label == ANOMALOUS for r in results)
     if n_bad == len(results):
         raise CutPasteError(f"none of the {len(results)} images could be read (see the warnings); nothing scored")

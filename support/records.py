@@ -20,6 +20,8 @@ from support.checkpoints import code_version, sorted_args
 RECORDED_LIBRARIES = ("torch", "torchvision", "numpy", "pillow", "scikit-learn", "scipy", "pandas",
                       "tensorboard", "tqdm")
 SCALARS_FILE = "scalars.jsonl"
+# Text files are UTF-8 with '\n' line ends on every system, so a run folder reads the same everywhere.
+TEXT = {"encoding": "utf-8", "newline": "\n"}
 
 
 def library_versions() -> dict[str, str]:
@@ -44,8 +46,9 @@ def environment(device: torch.device, rank: int = 0, world_size: int = 1) -> dic
 def _keep_scalars_before(path: Path, step: int) -> None:
     """Drop scalars logged at or after `step`: a resumed run logs those steps again."""
     if path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln)["step"] < step]
+        path.write_text("".join(ln + "\n" for ln in kept), **TEXT)
 
 
 class RunLog:
@@ -57,13 +60,15 @@ class RunLog:
     def __init__(self, folder: Path, args, env: dict, start_step: int = 0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "args.json").write_text(json.dumps(sorted_args(args), indent=2))
+        (self.folder / "args.json").write_text(json.dumps(sorted_args(args), indent=2), **TEXT)
         run_file = self.folder / "run.json"
-        sessions = json.loads(run_file.read_text())["sessions"] if start_step > 0 and run_file.exists() else []
-        run_file.write_text(json.dumps({"sessions": sessions + [{**env, "start_step": start_step}]}, indent=2))
+        sessions = (json.loads(run_file.read_text(encoding="utf-8"))["sessions"]
+                    if start_step > 0 and run_file.exists() else [])
+        sessions.append({**env, "start_step": start_step})
+        run_file.write_text(json.dumps({"sessions": sessions}, indent=2), **TEXT)
         _keep_scalars_before(self.folder / SCALARS_FILE, start_step)
         self.tb = SummaryWriter(str(self.folder), purge_step=start_step if start_step > 0 else None)
-        self.jsonl = open(self.folder / SCALARS_FILE, "a", encoding="utf-8")
+        self.jsonl = open(self.folder / SCALARS_FILE, "a", **TEXT)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         value = float(value)
@@ -82,4 +87,4 @@ class RunLog:
 
 def read_scalars(folder: Path) -> list[dict]:
     path = Path(folder) / SCALARS_FILE
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]

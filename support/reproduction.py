@@ -1,5 +1,6 @@
 """The grid behind reproduce.py: train and evaluate variants x categories x seeds into one tidy CSV."""
 import argparse
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -8,10 +9,9 @@ import pandas as pd
 
 import dataset
 from support import checkpoints, demo_data, evaluation, figures, options, training
-from support.checkpoints import atomic_write
 from support.errors import CutPasteError
 from support.runstate import RUN_KEYS
-from support.runtime import choose, resolve_device
+from support.runtime import resolve_device
 
 # What identifies one result: a row with the same values is finished.
 KEY = ("category", "variant", "seed", "backbone", "pretrained", "steps", "size")
@@ -27,6 +27,14 @@ def shared_settings(args) -> argparse.Namespace:
     return argparse.Namespace(**{key: getattr(args, key) for key in vars(options.arguments(options.grid_flags()))})
 
 
+def split_args(text: str) -> list[str]:
+    """--train_args / --eval_args split as the shell at hand would: POSIX rules, except on Windows, where a
+    backslash is a path separator (C:\\data), not an escape; quotes around a word are dropped on both."""
+    if os.name != "nt":
+        return shlex.split(text)
+    return [w[1:-1] if len(w) > 1 and w[0] == w[-1] and w[0] in "\"'" else w for w in shlex.split(text, posix=False)]
+
+
 def train_args(args, variant: str, seed: int, categories: list[str]) -> argparse.Namespace:
     """run_training.py's arguments for one run: the grid's shared settings, the run's variant, seed, categories and
     folders, then the user's --train_args over them."""
@@ -34,7 +42,7 @@ def train_args(args, variant: str, seed: int, categories: list[str]) -> argparse
     run = options.training_args(shared_settings(args), type=",".join(categories), variant=variant, seed=seed,
                                 model_dir=args.out_dir / "models" / name, log_dir=args.out_dir / "logdirs" / name,
                                 test_epochs=args.test_epochs)
-    return options.training_parser().parse_args(shlex.split(args.train_args), namespace=run)
+    return options.training_parser().parse_args(split_args(args.train_args), namespace=run)
 
 
 def config_mismatch(ckpt: dict, expected: dict) -> list[str]:
@@ -85,7 +93,7 @@ def write_results(results: pd.DataFrame, rows: list[dict], path: Path) -> pd.Dat
     frame = frame[~frame.apply(row_key, axis=1).duplicated(keep="last")]
     frame = frame.sort_values(["backbone", "pretrained", "steps", "size", "variant", "category", "seed"],
                               key=lambda col: col.astype(str)).reset_index(drop=True)
-    atomic_write(path, lambda fh: frame.to_csv(fh, index=False), mode="w")
+    checkpoints.write_csv(frame, path)
     return frame
 
 
@@ -99,9 +107,7 @@ def eval_args(args, run_dir: Path) -> argparse.Namespace:
     """eval.py's arguments for scoring the checkpoints of one run folder: the grid's shared settings, the folders,
     then the user's --eval_args over them."""
     scoring = options.eval_args(shared_settings(args), model_dir=run_dir, out_dir=args.out_dir / "eval")
-    scoring = options.eval_parser().parse_args(shlex.split(args.eval_args), namespace=scoring)
-    choose(scoring, resolve_device(scoring.device, scoring.cuda))
-    return scoring
+    return options.eval_parser().parse_args(split_args(args.eval_args), namespace=scoring)
 
 
 def run_one(args, variant: str, seed: int, categories: list[str], results: pd.DataFrame,

@@ -4,13 +4,13 @@ A training state (``<model_dir>/<category>.state.pt``) holds weights, optimizer,
 and torch's random states, written atomically (checkpoints.atomic_save). On the CPU with a fixed seed a resumed run
 ends bit-identical to an uninterrupted one."""
 import contextlib
-import fcntl
 import signal
 import sys
 import threading
 import warnings
 from pathlib import Path
 
+import filelock
 import torch
 
 from support.checkpoints import atomic_save, code_version, plain_name, scan
@@ -112,15 +112,19 @@ def restore(state: dict, path: Path, model, opt, sched, gen: torch.Generator, de
 @contextlib.contextmanager
 def category_lock(model_dir: Path, category: str):
     """Hold <model_dir>/<category>.lock while the category trains: two trainings of it into one folder would share
-    its state file. The system drops the lock when the process ends, however it ends."""
+    its state file. The lock is the system's (flock, or Windows' own locking, through filelock), so it is dropped
+    when the process ends, however it ends."""
     path = Path(model_dir) / f"{category}.lock"  # training.run has made the folder and checked it writable
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CutPasteError(f"another training of {category} is writing into {model_dir} (it holds {path}); "
-                                f"wait for it to end, or give this one another --model_dir") from None
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise CutPasteError(f"another training of {category} is writing into {model_dir} (it holds {path}); "
+                            f"wait for it to end, or give this one another --model_dir") from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def finished_checkpoints(model_dir: Path, args) -> dict[str, Path]:
@@ -133,11 +137,16 @@ def finished_checkpoints(model_dir: Path, args) -> dict[str, Path]:
     return found
 
 
-class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request the training loop polls between steps, to save and
-    stop; a second signal aborts at once. Inert outside the main thread, where handlers cannot be installed."""
+def stop_signals() -> tuple[int, ...]:
+    """Ctrl-C (SIGINT), SIGTERM, and where the system has it Ctrl-Break (SIGBREAK, Windows' other console stop key;
+    Windows itself never sends SIGTERM)."""
+    return tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name))
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT), SIGTERM or Ctrl-Break into a request the training loop polls between steps,
+    to save and stop; a second signal aborts at once. Inert outside the main thread, where handlers cannot be
+    installed."""
 
     def __init__(self):
         self.requested = False
@@ -152,7 +161,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -26,16 +26,22 @@ def resolve_device(device: str, cuda_flag: str | None = None) -> torch.device:
         warnings.warn("--cuda was given but CUDA is not available here; running on the CPU")
         return torch.device("cpu")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CutPasteError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CutPasteError(f"--device {device} asked for an Apple GPU (MPS), but torch sees none (it needs Apple "
+                            f"silicon, a recent macOS and a torch built with MPS); use --device cpu")
     return dev
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """True where bf16 runs natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX (unless CUTPASTE_NO_BF16=1)."""
-    if os.environ.get(NO_BF16_ENV, "") == "1":
+    """True where bf16 runs natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX (unless CUTPASTE_NO_BF16=1).
+    Not on Apple GPUs (MPS): the host CPU's flags say nothing of them, and torch offers bf16 there only from
+    macOS 14, so the default stays float32 (--amp asks for bf16)."""
+    if os.environ.get(NO_BF16_ENV, "") == "1" or device.type == "mps":
         return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -63,6 +69,15 @@ def describe(device: torch.device, amp: bool, channels_last: bool) -> str:
     elif device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(device)})"
     return f"{where}, {'bf16 autocast' if amp else 'float32'}, {'channels-last' if channels_last else 'NCHW'}"
+
+
+def synchronizer(device: torch.device):
+    """A call that waits for the work queued on `device` (CUDA, MPS), so that a timing measures the work itself."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 def keep_freed_memory() -> bool:

@@ -284,7 +284,7 @@ def write_results(rows: list[dict], categories: list[str], model_dir: Path) -> p
     shown = frame.drop(columns=["error"]).astype(object).fillna("")
     print(f"training results ({model_dir / 'train_results.csv'}):\n{shown.to_string(index=False)}")
     try:
-        checkpoints.atomic_write(model_dir / "train_results.csv", lambda fh: frame.to_csv(fh, index=False), "w")
+        checkpoints.write_csv(frame, model_dir / "train_results.csv")
         checkpoints.atomic_write(model_dir / "train_results.md", lambda fh: fh.write(shown.to_markdown(index=False)
                                                                                      + "\n"), "w")
     except OSError as err:

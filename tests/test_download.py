@@ -1,20 +1,26 @@
-"""The MVTec AD download against a local HTTP server on 127.0.0.1: resume, checksum, hostile members.
+"""The downloads against a local HTTP server on 127.0.0.1: MVTec AD (resume, checksum, hostile members) and
+torchvision's ImageNet weights into an empty torch cache, as on a fresh machine.
 
 No test here touches the internet: the server is started by the test on the loopback interface,
-serves an archive the test builds, and stops itself (at teardown, or after SERVER_LIFETIME_S).
+serves an archive or weights file the test builds, and stops itself (at teardown, or after SERVER_LIFETIME_S).
 """
 import errno
 import hashlib
 import io
 import re
+import socket
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
+from torchvision.models import ResNet18_Weights, resnet18
 
 import dataset
-from support import download
+import run_training
+from support import checkpoints, download
 from support.errors import CutPasteError, run_main
 
 SERVER_LIFETIME_S = 60.0
@@ -43,8 +49,8 @@ def build_archive(extra=None) -> bytes:
 class ArchiveServer:
     """Serves `payload` at /<name> with Range support; the first `drops` GETs break off after `cut` bytes."""
 
-    def __init__(self, payload: bytes, name: str = "mini.tar.xz", drops: int = 0, cut: int = 0):
-        self.payload, self.name, self.drops, self.cut = payload, name, drops, cut
+    def __init__(self, payload: bytes, name: str = "mini.tar.xz", drops: int = 0, cut: int = 0, stall: float = 0.0):
+        self.payload, self.name, self.drops, self.cut, self.stall = payload, name, drops, cut, stall
         self.ranges = []  # the Range header of each GET (None when absent)
         server = self
 
@@ -55,6 +61,9 @@ class ArchiveServer:
                     return
                 header = self.headers.get("Range")
                 server.ranges.append(header)
+                if server.stall:  # a connection that stalls: by its end the client has given up, nothing is sent
+                    time.sleep(server.stall)
+                    return
                 start = int(header[len("bytes="):].rstrip("-")) if header else 0
                 body = server.payload[start:]
                 self.send_response(206 if header else 200)
@@ -227,3 +236,74 @@ def test_every_error_is_printed_on_one_line(capsys):
     with pytest.raises(SystemExit) as stopped:
         run_main(main)
     assert stopped.value.code == 2 and capsys.readouterr().err == "error: first line second line\n"
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    """A TORCH_HOME that does not exist yet, as on a fresh install: no hub folder, no checkpoints folder."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # as no torch.hub.set_dir call made it
+    assert not home.exists() and torch.hub.get_dir() == str(home / "hub")
+    return home
+
+
+def weights_file(state: dict) -> tuple[bytes, str]:
+    """`state` serialised, and a file name as torchvision's: <arch>-<the first 10 hex digits of its SHA-256>.pth,
+    the prefix torch.hub's check_hash compares (HASH_REGEX, '-([a-f0-9]*)\\.')."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    return payload, f"resnet18-{sha(payload)[:10]}.pth"
+
+
+def serve_as_imagenet_weights(monkeypatch, server: ArchiveServer) -> None:
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.value, "url", server.url)
+
+
+def test_a_fresh_machine_downloads_the_imagenet_weights_and_trains(tmp_path, monkeypatch, mvtec_root,
+                                                                  empty_torch_home):
+    reference = resnet18(weights=None).state_dict()
+    payload, name = weights_file(reference)
+    with ArchiveServer(payload, name=name) as server:
+        serve_as_imagenet_weights(monkeypatch, server)
+        # The README's first training, shortened: ImageNet weights by default, the backbone frozen for
+        # --freeze_resnet (20) steps, so after 2 steps it still holds the served weights.
+        (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir",
+                                     str(tmp_path / "models"), "--log_dir", str(tmp_path / "logs"), "--size", "32",
+                                     "--epochs", "2", "--batch_size", "4", "--workers", "0", "--variant", "normal"])
+    cached = empty_torch_home / "hub" / "checkpoints" / name
+    assert cached.read_bytes() == payload and server.ranges == [None], "downloaded once, into the new cache"
+    trained = checkpoints.read_checkpoint(path)
+    assert trained["config"]["pretrained"] is True
+    assert torch.equal(trained["state_dict"]["resnet18.conv1.weight"], reference["conv1.weight"])
+    again = checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)  # the server is gone: the cache
+    assert torch.equal(again["layer4.1.conv2.weight"], reference["layer4.1.conv2.weight"])
+
+
+def test_a_download_without_the_hash_its_name_promises_is_refused(monkeypatch, empty_torch_home):
+    payload, _ = weights_file({"conv1.weight": torch.zeros(1)})
+    with ArchiveServer(payload, name="resnet18-0123abcdef.pth") as server:
+        serve_as_imagenet_weights(monkeypatch, server)
+        with pytest.raises(CutPasteError, match=r"does not have the SHA-256 its name promises.*--no-pretrained"):
+            checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
+    assert list((empty_torch_home / "hub" / "checkpoints").iterdir()) == [], "nothing kept, no partial file"
+
+
+def test_no_network_or_a_stalled_one_ends_in_the_offline_message(monkeypatch, empty_torch_home):
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.value, "url", f"http://127.0.0.1:{port}/resnet18-f37072fd.pth")
+    offline = r"not cached at .*resnet18-f37072fd.pth and could not be downloaded.*or train with --no-pretrained"
+    with pytest.raises(CutPasteError, match=offline):
+        checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
+    monkeypatch.setattr(checkpoints, "DOWNLOAD_TIMEOUT_S", 0.3)
+    payload, name = weights_file({"conv1.weight": torch.zeros(1)})
+    with ArchiveServer(payload, name=name, stall=3.0) as server:
+        serve_as_imagenet_weights(monkeypatch, server)
+        started = time.perf_counter()
+        with pytest.raises(CutPasteError, match=r"could not be downloaded .*timed out"):
+            checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
+        assert time.perf_counter() - started < 2.5, "the timeout ends the wait, not the server"
+    assert socket.getdefaulttimeout() is None, "the process's default timeout is restored"

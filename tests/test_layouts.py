@@ -1,7 +1,10 @@
 """Each folder layout is detected and read as it is, then trains and evaluates end to end; bad folders end in one
 error that names the folder to give."""
+import os
+import re
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,14 +61,16 @@ def test_data_dir_may_name_the_category_folder(layout_roots, mvtec_root):
     for cat_dir in (layout_roots["visa"] / "lid", layout_roots["folder"] / "lid", mvtec_root / "cap"):
         assert dataset.resolve_categories(cat_dir, "all") == [cat_dir.name]
         assert dataset.list_train_images(cat_dir, cat_dir.name) == [
-            p.resolve() for p in dataset.list_train_images(cat_dir.parent, cat_dir.name)]
-    with pytest.raises(CutPasteError, match=f"category 'cap', not 'lid'.*--data_dir {mvtec_root} for --type lid"):
+            Path(os.path.abspath(p)) for p in dataset.list_train_images(cat_dir.parent, cat_dir.name)]
+    with pytest.raises(CutPasteError,
+                       match=f"category 'cap', not 'lid'.*--data_dir {re.escape(str(mvtec_root))} for --type lid"):
         dataset.resolve_categories(mvtec_root / "cap", "lid")
 
 
 @pytest.mark.parametrize("inside", ["train", "train/good", "test/hole"])
 def test_a_folder_inside_a_category_names_the_category(inside, mvtec_root):
-    with pytest.raises(CutPasteError, match=f"inside the category folder {mvtec_root / 'lid'}; give --data_dir"):
+    folder = re.escape(str(mvtec_root / "lid"))
+    with pytest.raises(CutPasteError, match=f"inside the category folder {folder}; give --data_dir"):
         dataset.resolve_categories(mvtec_root / "lid" / inside, "all")
 
 
@@ -91,11 +96,11 @@ def test_mvtec_masks_named_like_their_images_give_pixel_metrics_without_warning(
 
 def test_empty_good_folder_and_unknown_folder(tmp_path):
     (tmp_path / "w" / "good").mkdir(parents=True)
-    with pytest.raises(CutPasteError, match=r"found 0 images in .*w/good"):
+    with pytest.raises(CutPasteError, match=r"found 0 images in .*w[/\\]good"):
         dataset.list_train_images(tmp_path, "w")
     (tmp_path / "x").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "x" / "a.png")
-    with pytest.raises(CutPasteError, match=r"x holds no train/good/.*put its clean images in .*x/good"):
+    with pytest.raises(CutPasteError, match=r"x holds no train/good/.*put its clean images in .*x[/\\]good"):
         dataset.list_train_images(tmp_path, "x")
 
 

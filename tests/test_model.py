@@ -44,7 +44,7 @@ def test_pretrained_weights_come_from_the_torchvision_cache(tmp_path, monkeypatc
 def test_missing_weights_fail_clearly_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
 
-    def offline(url, dst, progress=True):
+    def offline(url, dst, hash_prefix=None, progress=True):
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)

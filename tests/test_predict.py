@@ -153,7 +153,7 @@ def test_overlays_never_overwrite_inputs_and_never_collide(tmp_path, lid_checkpo
     written = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.overlay.png"))
     assert written == ["a.jpg.overlay.png", "a.png.overlay.png", "sub/b.png.overlay.png", "sub__b.png.overlay.png"]
     # A rerun reads those overlays as inputs, and a.png's overlay would land on one: refused before any scoring.
-    with pytest.raises(CutPasteError, match=r"photos/a\.(png|jpg)\.overlay\.png, which is one of the inputs"):
+    with pytest.raises(CutPasteError, match=r"photos[/\\]a\.(png|jpg)\.overlay\.png, which is one of the inputs"):
         predict.main(args + ["--out", str(tmp_path / "second.csv")])
     assert not (tmp_path / "second.csv").exists()
 

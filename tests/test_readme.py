@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 README_MAX_LINES = 200
 LAUNCHERS = ("python", "python3", "torchrun")
 SHELL_OPERATORS = ("|", "||", "&&", ";", "&", ">", ">>", "2>", "<")
@@ -56,7 +56,7 @@ COMMANDS = readme_commands(README)
 
 
 def test_flags_doc_is_current():
-    assert (ROOT / "doc" / "flags.md").read_text() == flags_doc.render(), \
+    assert (ROOT / "doc" / "flags.md").read_text(encoding="utf-8") == flags_doc.render(), \
         "doc/flags.md is stale: run python tools/flags_doc.py"
 
 

@@ -1,7 +1,7 @@
 """Faults and hostile input (doc/reliability.md): a full disk, two runs at once, unwritable outputs, strings and
 numbers from files, images over PIL's limit. Each test makes the fault for real where it can."""
 import errno
-import resource
+import re
 import shutil
 import signal
 import subprocess
@@ -53,11 +53,13 @@ def one_model_folder(path: Path, folder: Path, **changes) -> Path:
 
 def limit_file_size():
     """In the child: files may not grow past FILE_LIMIT, as on a disk that fills; writes past it fail (EFBIG)."""
+    import resource  # POSIX only: imported here, so that the other tests of this file run on Windows
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
 
 
 def test_a_filling_disk_ends_in_one_line_and_the_table(tmp_path, mvtec_root):
+    pytest.importorskip("resource", reason="a file-size limit (RLIMIT_FSIZE) and preexec_fn are POSIX's")
     # Writes that stop part way are what a filling disk does; torch.save's own writer turns them into a
     # RuntimeError that names no cause, so checkpoints and states are serialised in memory and written plainly.
     res = subprocess.run([sys.executable, str(ROOT / "run_training.py"), "--data_dir", str(mvtec_root),
@@ -89,8 +91,9 @@ def test_a_second_process_training_the_same_category_into_one_folder_is_refused(
     models = tmp_path / "models"
     models.mkdir()
     lock = models / "cap.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(lock)],
+    hold = ("import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(120)")  # the lock training takes, by another process
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -122,10 +125,10 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, mvtec_root, li
         argv = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "models"),
                 "--log_dir", str(tmp_path / "logs"), *TINY]
         argv[argv.index(flag) + 1] = str(blocker / "sub")
-        with pytest.raises(CutPasteError, match=rf"{flag} .*a_file/sub is not a writable folder"):
+        with pytest.raises(CutPasteError, match=rf"{flag} .*{re.escape(str(Path('a_file', 'sub')))} is not a writable"):
             run_training.main(argv)
     one_model_folder(lid_model, tmp_path / "models")
-    with pytest.raises(CutPasteError, match=r"--out_dir .*a_file/models is not a writable folder"):
+    with pytest.raises(CutPasteError, match=rf"--out_dir .*{re.escape(str(Path('a_file', 'models')))} is not a wr"):
         eval_script.main(eval_args(mvtec_root, tmp_path / "models", blocker))
 
 
@@ -166,7 +169,7 @@ def test_two_model_folders_of_one_name_get_their_own_result_folders(tmp_path, mv
         eval_script.main(eval_args(mvtec_root, folder, tmp_path / "Eval"))
     assert sorted(p.name for p in (tmp_path / "Eval").iterdir()) == ["models", "models-2"]
     for name, folder in zip(("models", "models-2"), folders):
-        assert (tmp_path / "Eval" / name / "model_dir.txt").read_text().strip() == str(folder.resolve())
+        assert (tmp_path / "Eval" / name / "model_dir.txt").read_text(encoding="utf-8").strip() == str(folder.resolve())
         assert (tmp_path / "Eval" / name / "results.csv").is_file()
 
 
@@ -233,7 +236,8 @@ def test_predict_checks_its_outputs_and_threshold_before_scoring(tmp_path, mvtec
     blocker.write_text("not a folder")
     for extra, message in ((["--out", str(tmp_path)], r"--out .* is a folder; give a file name"),
                            (["--out", str(blocker / "p.csv")], r"--out .*a_file is not a writable folder"),
-                           (["--overlay_dir", str(blocker / "o")], r"--overlay_dir .*a_file/o is not a writable"),
+                           (["--overlay_dir", str(blocker / "o")],
+                            rf"--overlay_dir .*{re.escape(str(Path('a_file', 'o')))} is not a writable"),
                            (["--threshold", "nan"], r"--threshold nan is not a number")):
         with pytest.raises(CutPasteError, match=message):
             predict.main([images, "--checkpoint", str(lid_model), *extra])

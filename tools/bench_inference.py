@@ -23,7 +23,7 @@ from benchmark import cpuinfo, publish  # noqa: E402
 from config import paper  # noqa: E402
 from support import checkpoints, inference, options, patches  # noqa: E402
 from support.errors import run_main  # noqa: E402
-from support.runtime import bf16_supported, resolve_device  # noqa: E402
+from support.runtime import bf16_supported, resolve_device, synchronizer  # noqa: E402
 from support.scorer import Scorer  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def measure(args, device: torch.device) -> list[dict]:
     batches = {"256": inference.example_batch(args.size, args.batch),
                "patch": inference.example_batch(args.patch_size, args.patch_batch),
                "dense": inference.example_batch(args.size, 1)}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     rows = []
     for name, (flags, settings) in variants(device).items():
         if keep and name not in keep:

@@ -8,7 +8,7 @@ import argparse
 import math
 import os
 import random
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def timed_in_turn(fns, device, steps: int, warmup: int) -> list[float]:
     """Median seconds per call of each fn, called in turn so that a change of machine load hits all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = runtime.synchronizer(device)
     times = [[] for _ in fns]
     for call in range(warmup + steps):
         for fn, out in zip(fns, times):
@@ -204,15 +204,40 @@ def cpuinfo() -> dict:
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on: its affinity where the system has one (Linux), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def clock_text(info: dict) -> tuple[str, str]:
+    """(text holding 'MHz: ...' lines, where it came from): /proc/cpuinfo, else lscpu where there is one (Linux
+    kernels that give no clock in /proc/cpuinfo); empty elsewhere (macOS, Windows), so the peak is unknown."""
+    if "cpu MHz" in info:
+        return f"MHz: {info['cpu MHz']}", "/proc/cpuinfo 'cpu MHz'"
+    if shutil.which("lscpu") is None:
+        return "", "no clock known"
+    return subprocess.run(["lscpu"], capture_output=True, text=True).stdout, "lscpu"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB; NaN where the system does not say (Windows has no `resource`)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def machine_peak() -> tuple[float, str]:
     """The fp32 peak GFLOP/s of this process's cores and how it was found: 2 FMA units of 16 (AVX-512) or 8 (AVX2)
-    lanes per core, 2 FLOP per FMA."""
+    lanes per core, 2 FLOP per FMA; 0 where the clock is unknown."""
     info = cpuinfo()
     smt = int(info.get("siblings", 1)) // max(1, int(info.get("cpu cores", 1)))  # hardware threads share a core
-    cores = max(1, len(os.sched_getaffinity(0)) // max(1, smt))
-    source = "/proc/cpuinfo 'cpu MHz'" if "cpu MHz" in info else "lscpu"  # some kernels give no clock there
-    text = f"MHz: {info['cpu MHz']}" if "cpu MHz" in info else subprocess.run(["lscpu"], capture_output=True,
-                                                                             text=True).stdout
+    cores = max(1, usable_cpus() // max(1, smt))
+    text, source = clock_text(info)
     mhz = max((float(v) for k, _, v in (ln.partition(":") for ln in text.splitlines()) if "MHz" in k), default=0.0)
     lanes = 16 if "avx512f" in info.get("flags", "").split() else 8
     how = (f"{cores} cores x {mhz:.0f} MHz ({source}) x {4 * lanes} FLOP/cycle (2 FMA units x {lanes} fp32 lanes "
@@ -264,7 +289,7 @@ def main(argv=None) -> dict:
                      if peak else float("nan")})
     if args.data_dir is not None:
         rows.update(bench_eval(args, t, images, device))
-    rows["peak RSS MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows["peak RSS MiB"] = peak_rss_mib()
     if device.type == "cuda":
         rows["peak CUDA MiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     publish(report(args, device, rows), args.out)
@@ -276,7 +301,7 @@ def publish(text: str, out: Path | None) -> None:
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        out.write_text(text, encoding="utf-8", newline="\n")
 
 
 if __name__ == "__main__":

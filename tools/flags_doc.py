@@ -67,8 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args, text = get_args_parser().parse_args(argv), render()
     if not args.check:
-        DOC.write_text(text)
-    stale = args.check and (not DOC.is_file() or DOC.read_text() != text)
+        DOC.write_text(text, encoding="utf-8", newline="\n")  # it holds '–', which not every locale can write
+    stale = args.check and (not DOC.is_file() or DOC.read_text(encoding="utf-8") != text)
     print(f"{DOC.relative_to(ROOT)}: {'stale, run python tools/flags_doc.py' if stale else 'current'}")
     return int(stale)
 
