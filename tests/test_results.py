@@ -114,7 +114,6 @@ def test_each_run_gets_the_arguments_of_its_command_line(tmp_path):
     arguments that run_training.py's (eval.py's) parser makes of the equivalent command line, nothing more."""
     import eval as eval_script
     import run_training
-    from support.runtime import choose, resolve_device
     args = reproduce.resolve_args(reproduce.get_args_parser().parse_args(
         ["--preset", "demo", "--out_dir", str(tmp_path), "--lr", "0.01", "--workers", "0", "--density", "torch",
          "--train_args", "--log_every 8 --freeze_resnet 3", "--eval_args", "--stride 8"]))
@@ -128,5 +127,4 @@ def test_each_run_gets_the_arguments_of_its_command_line(tmp_path):
         ["--data_dir", "demo_data", "--type", "lid", "--model_dir", str(tmp_path / name), "--out_dir",
          str(tmp_path / "eval"), "--density", "torch", "--save_plots", "0", "--workers", "0", "--head_layer", "1",
          "--stride", "8"])
-    choose(expected, resolve_device(expected.device))
     assert reproduction.eval_args(args, tmp_path / name) == expected
