@@ -11,6 +11,7 @@ import torch
 import dataset
 import density as density_lib
 from support import checkpoints, gradcam, metrics, patches, plots
+from support import report as html_report
 from support.errors import CutPasteError
 from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS, PAPER_TABLE1, PAPER_TABLE2
 from support.runtime import choose, describe, embed_images, memory_format, resolve_device
@@ -101,6 +102,8 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     out = results_folder(args) / category
     if args.save_plots:
         save_plots(out, category, test_set, scores, auroc, None if test_emb is None else test_emb.cpu().numpy())
+    if args.report:
+        html_report.save_category(out, test_set, scores, maps, html_report.eval_threshold(ckpt, args, how))
     row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
            "paper_image_auroc": float("nan") if patch_size else paper_value(PAPER_TABLE1, category, ckpt["variant"]),
            "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,
@@ -174,6 +177,9 @@ def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], dev
           f"(min {np.min(singles):.2f}, max {np.max(singles):.2f})")
     if args.save_plots:
         save_plots(results_folder(args, ensemble=True) / category, category, test_set, scores, auroc, ensemble=True)
+    if args.report:
+        html_report.save_category(results_folder(args, ensemble=True) / category, test_set, scores, None,
+                                  html_report.ensemble_threshold(members))
     return {"category": category, "variant": "+".join(sorted({ckpt["variant"] for _, ckpt in members})),
             "image_auroc": 100 * auroc, "paper_image_auroc": paper_value(PAPER_TABLE1, category, "ensemble"),
             "models": len(members), "seeds": "+".join(str(ckpt["seed"]) for _, ckpt in members),
@@ -322,4 +328,6 @@ def run(args) -> pd.DataFrame:
     frame = write_tables(rows, out)
     print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories"
           f"{' (ensembles)' if args.ensemble else ''}; tables in {out}")
+    if args.report:
+        print(f"report: {html_report.write_eval_page(out, frame, args.model_dir)}")
     return frame

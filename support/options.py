@@ -191,6 +191,9 @@ def eval_flags() -> argparse.ArgumentParser:
                    help="Gaussian of the embeddings (section 3.3): the one stored in the checkpoint, or refit on "
                         "--data_dir's training images with torch or sklearn (both Ledoit-Wolf)")
     p.add_argument("--save_plots", type=int, choices=(0, 1), default=1, help="1 writes ROC, histogram, t-SNE plots")
+    p.add_argument("--report", type=int, choices=(0, 1), default=1,
+                   help="1 writes out_dir/<model_dir name>/report.html: every test image as a card, sorted by score, "
+                        "with predict.py's threshold and the mistakes at it (doc/report.md)")
     p.add_argument("--head_layer", type=int, default=None,
                    help="accepted for compatibility; the checkpoint's own head layout is used")
     p.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=False,
