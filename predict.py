@@ -33,6 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV written: path, score, label, ...")
     p.add_argument("--overlay_dir", type=Path, default=None,
                    help="also write each image with its decision frame (and heatmap, for a localizing model) here")
+    p.add_argument("--report", type=Path, default=None,
+                   help="also write this HTML page (its thumbnails in <name>_files/ beside it): every image as a card "
+                        "sorted by score, the threshold, the unreadable files (doc/report.md)")
     p.add_argument("--truth_from_folders", action=argparse.BooleanOptionalAction, default=False,
                    help="take the truth from the folder names (MVTec layout: 'good' is normal) and print the accuracy")
     p.add_argument("--batch_size", type=int, default=PREDICT_BATCH, help="images decoded and scored at once")

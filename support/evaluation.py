@@ -13,6 +13,7 @@ import dataset
 import density as density_lib
 from config.paper import PAPER_TABLE1, PAPER_TABLE2
 from support import checkpoints, gradcam, inference, metrics, plots
+from support import report as html_report
 from support.errors import CutPasteError
 from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS
 from support.runtime import embed_images, keep_freed_memory, resolve_device
@@ -108,6 +109,9 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     if args.save_plots:
         test_emb = None if scorer.maps else test_embeddings(scorer, test_set.images, settings)
         save_plots(out, category, test_set, scores, auroc, test_emb)
+    if args.report:
+        html_report.save_category(out, test_set, scores, None if maps is None else maps.maps,
+                                  html_report.eval_threshold(ckpt, args, maps))
     row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
            "paper_image_auroc": float("nan") if patch_size else paper_value(PAPER_TABLE1, category, ckpt["variant"]),
            "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,
@@ -196,6 +200,9 @@ def evaluate_ensemble(args, category: str, members: list[tuple[Path, dict]], dev
           f"(min {np.min(singles):.2f}, max {np.max(singles):.2f})")
     if args.save_plots:
         save_plots(results_folder(args, ensemble=True) / category, category, test_set, scores, auroc, ensemble=True)
+    if args.report:
+        html_report.save_category(results_folder(args, ensemble=True) / category, test_set, scores, None,
+                                  html_report.ensemble_threshold(members))
     return {"category": category, "variant": "+".join(sorted({ckpt["variant"] for _, ckpt in members})),
             "image_auroc": 100 * auroc, "paper_image_auroc": paper_value(PAPER_TABLE1, category, "ensemble"),
             "models": len(members), "seeds": "+".join(str(ckpt["seed"]) for _, ckpt in members),
@@ -365,4 +372,6 @@ def run(args) -> pd.DataFrame:
     frame = write_tables(rows, out)
     print(f"mean image AUROC: {frame['image_auroc'].iloc[-1]:.2f}% over {len(rows)} categories"
           f"{' (ensembles)' if args.ensemble else ''}; tables in {out}")
+    if args.report:
+        print(f"report: {html_report.write_eval_page(out, frame, args.model_dir)}")
     return frame

@@ -181,6 +181,9 @@ def eval_flags() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", type=Path, default=Path("Eval"),
                    help="plots and tables go to out_dir/<model_dir name>")
     add_scoring_flags(p)
+    p.add_argument("--report", type=int, choices=(0, 1), default=1,
+                   help="1 writes out_dir/<model_dir name>/report.html: every test image as a card, sorted by score, "
+                        "with predict.py's threshold and the mistakes at it (doc/report.md)")
     p.add_argument("--head_layer", type=int, default=None,
                    help="accepted for compatibility; the checkpoint's own head layout is used")
     p.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=False,

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from sklearn.metrics import confusion_matrix
 
 import dataset
-from support import checkpoints
+from support import checkpoints, report
 from support.detector import ANOMALOUS, NORMAL, UNREADABLE, Detector, Prediction
 from support.errors import CutPasteError
 from support.runtime import keep_freed_memory, resolve_device
@@ -140,6 +140,7 @@ def run(args) -> list[Prediction]:
     checkpoints.writable_file(args.out, "--out")  # before the work: the scores must have somewhere to go
     targets = overlay_paths(paths, checkpoints.writable_folder(args.overlay_dir, "--overlay_dir")) \
         if args.overlay_dir else None
+    page = report.PredictionPage(args.report, paths) if args.report else None  # checked before any scoring
     device = resolve_device(args.device, args.cuda)
     if device.type == "cpu" and args.keep_freed_memory:
         keep_freed_memory()
@@ -150,6 +151,7 @@ def run(args) -> list[Prediction]:
     threshold = args.threshold if given else detector.threshold(args.quantile)
     source = "--threshold" if given else f"{args.quantile} quantile of the {detector.calibration_source}"
     writer = overlay_writer(targets, threshold) if targets else None
+    writer = page.watch(writer) if page else writer
     results = detector.predict(paths, threshold, args.batch_size, args.workers, on_batch=writer)
     for r in results:
         if r.label == UNREADABLE:
@@ -157,6 +159,9 @@ def run(args) -> list[Prediction]:
     frame = pd.DataFrame([(r.path, r.score, r.label, threshold, r.error) for r in results],
                          columns=["path", "score", "label", "threshold", "error"])
     checkpoints.write_csv(frame, args.out)
+    if page:
+        truth = folder_truth if args.truth_from_folders else None
+        print(f"report: {page.write(results, threshold, source, detector.category, truth)}")
     n_bad, flagged = sum(r.label == UNREADABLE for r in results), sum(r.label == ANOMALOUS for r in results)
     if n_bad == len(results):
         raise CutPasteError(f"none of the {len(results)} images could be read (see the warnings); nothing scored")

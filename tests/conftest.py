@@ -80,6 +80,18 @@ def build_layout(root: Path, layout: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lid_checkpoint(tmp_path_factory, mvtec_root) -> Path:
+    """One tiny image-level 'normal' model of lid (32 px, 4 steps), trained once for the tests that score with it
+    (test_predict.py, test_report.py)."""
+    import run_training  # torch loads only for the tests that need a model
+    out = tmp_path_factory.mktemp("lid_model")
+    (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(out / "models"),
+                                 "--log_dir", str(out / "logdirs"), "--epochs", "4", "--batch_size", "4", "--size",
+                                 "32", "--no-pretrained", "--variant", "normal", "--workers", "0", "--log_every", "3"])
+    return path
+
+
+@pytest.fixture(scope="session")
 def layout_roots(tmp_path_factory) -> dict[str, Path]:
     """The data root of each layout but MVTec AD's (`mvtec_root`), built once."""
     root = tmp_path_factory.mktemp("layouts")

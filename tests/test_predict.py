@@ -25,11 +25,6 @@ def train_lid(out: Path, mvtec_root: Path, *extra) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def lid_checkpoint(tmp_path_factory, mvtec_root) -> Path:
-    return train_lid(tmp_path_factory.mktemp("predict_model"), mvtec_root, "--size", "32")
-
-
 def test_detector_scores_paths_pil_and_tensors_alike(lid_checkpoint, mvtec_root):
     det = Detector.load(lid_checkpoint, device="cpu")
     paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")]

@@ -63,6 +63,7 @@ def test_train_then_eval_all_categories(tmp_path, mvtec_root):
     assert table["image_auroc"].between(0, 100).all()
     assert "| mean" in (out / "results.md").read_text().replace("|       mean", "| mean")
     assert frame["image_auroc"].iloc[-1] == pytest.approx(table["image_auroc"].iloc[:2].mean())
+    assert [c for c in ("cap", "lid") if f'data-cat="{c}"' in (out / "report.html").read_text()] == ["cap", "lid"]
 
 
 def test_checkpoint_round_trip_reproduces_embeddings(lid_normal):
