@@ -111,7 +111,7 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
         save_plots(out, category, test_set, scores, auroc, test_emb)
     if args.report:
         html_report.save_category(out, test_set, scores, None if maps is None else maps.maps,
-                                  html_report.eval_threshold(ckpt, args, maps))
+                                  html_report.eval_threshold(ckpt, args, maps.patch_density if maps else ""))
     row = {"category": category, "variant": ckpt["variant"], "image_auroc": 100 * auroc,
            "paper_image_auroc": float("nan") if patch_size else paper_value(PAPER_TABLE1, category, ckpt["variant"]),
            "steps": ckpt["steps"], "size": size, "density": args.density, "checkpoint": path.name,

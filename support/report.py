@@ -117,12 +117,11 @@ def stored_threshold(ckpt: dict, quantile: float = DEFAULT_QUANTILE) -> Threshol
     return Threshold(value, f"{quantile} quantile of the {source}")
 
 
-def eval_threshold(ckpt: dict, args, maps) -> Threshold:
+def eval_threshold(ckpt: dict, args, patch_density: str = "") -> Threshold:
     """stored_threshold, with a note where eval.py scores otherwise than predict.py does (another stride or
     location Gaussians for a patch-level model, a refitted Gaussian)."""
     found, patch = stored_threshold(ckpt), int(ckpt.get("patch_size", 0))
     stride = int(ckpt.get("score_stride", PATCH_SCORE_STRIDE))
-    patch_density = "" if maps is None else maps.patch_density
     if patch and (args.stride != stride or patch_density == "local"):
         note = (f"predict.py scores this patch-level model at stride {stride} with one shared Gaussian; these "
                 f"maps are scored at stride {args.stride} with {patch_density} Gaussians, so the "

@@ -20,7 +20,7 @@ import predict
 from support import report
 from support.detector import Detector
 from support.errors import CutPasteError
-from support.options import DEFAULT_QUANTILE
+from config.paper import DEFAULT_QUANTILE
 
 BROWSERS = ("chromium-headless-shell", "chromium")
 # A link or source that a browser would fetch from the network: http(s)://, protocol-relative //, CSS imports.
@@ -114,10 +114,10 @@ def test_thresholds_are_predict_pys_and_say_where_eval_scores_otherwise():
     found = report.stored_threshold(image)
     assert found.value == pytest.approx(19.81) and found.source.startswith("0.99 quantile of the held-out")
     args = SimpleNamespace(stride=4, density="checkpoint")
-    assert report.eval_threshold(image, args, {}).note == ""
-    assert "refitted" in report.eval_threshold(image, SimpleNamespace(stride=4, density="torch"), {}).note
+    assert report.eval_threshold(image, args).note == ""
+    assert "refitted" in report.eval_threshold(image, SimpleNamespace(stride=4, density="torch")).note
     patch = {**image, "patch_size": 32, "score_stride": 16}
-    assert "stride 16" in report.eval_threshold(patch, args, {"patch_density": "shared"}).note
+    assert "stride 16" in report.eval_threshold(patch, args, "shared").note
     older = report.stored_threshold({"train_scores": train, "patch_size": 0})
     assert older.value == pytest.approx(37.62) and "in-sample" in older.source
     # Two equal members: their averaged standardised scores are each one's, (x - mean) / std of its train scores.
