@@ -12,7 +12,7 @@ import torch
 import dataset
 import density as density_lib
 from config.paper import PAPER_TABLE1, PAPER_TABLE2
-from support import checkpoints, gradcam, inference, metrics, plots
+from support import checkpoints, gradcam, inference, metrics
 from support import report as html_report
 from support.errors import CutPasteError
 from support.options import CHECKPOINT_DENSITY, DENSITY_ESTIMATORS
@@ -57,6 +57,7 @@ def paper_value(table_path: Path, category: str, column: str) -> float:
 
 def save_plots(out: Path, category: str, test_set, scores: np.ndarray, auroc: float,
                test_emb: np.ndarray | None = None, ensemble: bool = False) -> None:
+    from support import plots  # the plotting stack loads only where plots are drawn
     roc = "ensemble image ROC" if ensemble else "image ROC"
     hist = "ensemble scores (standardised)" if ensemble else "anomaly scores"
     labels = test_set.labels.numpy()
@@ -327,6 +328,7 @@ def report(category: str, test_set, maps: Maps, out: Path, save_plots: bool, max
         row["gradcam_target"] = maps.gradcam_target
     print(f"{category} pixel AUROC: {scores['pixel_auroc']:.4f}  PRO: {scores['pro']:.4f}  ({maps.describe()})")
     if save_plots:
+        from support import plots
         labels = masks.flatten().numpy()
         if 0 < labels.sum() < labels.size:
             plots.plot_roc(labels, maps.maps[keep].flatten().numpy(), scores["pixel_auroc"],
@@ -337,6 +339,7 @@ def report(category: str, test_set, maps: Maps, out: Path, save_plots: bool, max
 
 def save_heatmaps(test_set, maps: torch.Tensor, folder: Path, limit: int) -> list[Path]:
     """Image, mask and overlay for at most `limit` test images, on one colour scale for the category."""
+    from support import plots
     vmin, vmax = display_range(maps)
     paths = []
     for i in heatmap_indices(len(test_set), limit):

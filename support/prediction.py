@@ -6,10 +6,8 @@ import os
 import sys
 from pathlib import Path, PurePath
 
-import numpy as np
 import pandas as pd
 import torch
-from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from sklearn.metrics import confusion_matrix
 
@@ -21,7 +19,6 @@ from support.runtime import keep_freed_memory, resolve_device
 
 FRAME_COLOURS = {ANOMALOUS: (220, 30, 30), NORMAL: (30, 180, 60)}
 FRAME_FRACTION = 0.04  # frame width, as a fraction of the image side
-HEATMAP_ALPHA = 0.5
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -50,9 +47,7 @@ def overlay_image(image_u8: torch.Tensor, label: str, score: float, threshold: f
     """The image with the heatmap blended in (when there is one) and a frame coloured by the decision."""
     img = Image.fromarray(image_u8.permute(1, 2, 0).numpy())
     if heatmap is not None:
-        norm = (heatmap / max(float(heatmap.max()), 1e-12)).clamp(0, 1).numpy()
-        colour = Image.fromarray((colormaps["jet"](norm)[..., :3] * 255).astype(np.uint8))
-        img = Image.blend(img, colour, HEATMAP_ALPHA)
+        img = report.blend_heatmap(img, (heatmap / max(float(heatmap.max()), 1e-12)).clamp(0, 1).numpy())
     draw = ImageDraw.Draw(img)
     width = max(2, round(FRAME_FRACTION * img.width))
     draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=FRAME_COLOURS[label], width=width)

@@ -20,7 +20,6 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
@@ -66,6 +65,13 @@ def colour_range(maps: np.ndarray) -> tuple[float, float]:
     return lo, hi if hi > lo else lo + 1e-6
 
 
+def blend_heatmap(img: Image.Image, heat01: np.ndarray) -> Image.Image:
+    """`img` with a heatmap (H, W) in [0, 1] blended in through the jet colour map, resized to the image."""
+    from matplotlib import colormaps  # only where there are maps: the plotting stack loads in a second
+    colour = Image.fromarray((colormaps["jet"](heat01)[..., :3] * 255).astype(np.uint8))
+    return Image.blend(img, colour.resize(img.size, Image.BILINEAR), HEATMAP_ALPHA)
+
+
 def thumbnail(image: torch.Tensor, mask: np.ndarray | None, heat: np.ndarray | None,
               scale: tuple[float, float] | None) -> Image.Image:
     """uint8 (3, H, W) -> a thumbnail, the heatmap (H, W) blended in on `scale` when given, the mask's outline."""
@@ -73,9 +79,7 @@ def thumbnail(image: torch.Tensor, mask: np.ndarray | None, heat: np.ndarray | N
     img = Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((side, side), Image.BILINEAR)
     if heat is not None:
         lo, hi = scale
-        norm = np.clip((heat - lo) / (hi - lo), 0, 1)
-        colour = Image.fromarray((colormaps["jet"](norm)[..., :3] * 255).astype(np.uint8))
-        img = Image.blend(img, colour.resize((side, side), Image.BILINEAR), HEATMAP_ALPHA)
+        img = blend_heatmap(img, np.clip((heat - lo) / (hi - lo), 0, 1))
     if mask is None or not mask.any():
         return img
     small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)) > 127
