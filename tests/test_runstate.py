@@ -15,7 +15,6 @@ from support.runtime import make_generator
 from support import checkpoints as engine
 from support.checkpoints import weights_cache_path
 from support import records, runstate, training
-from support import checkpoints
 import run_training
 from support.errors import CutPasteError
 
@@ -164,23 +163,16 @@ def test_bad_states_get_clear_errors(tmp_path):
     assert runstate.load_state(tmp_path / "none.state.pt", args) is None
 
 
-def test_full_disk_during_a_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
+def test_full_disk_during_a_state_write_keeps_the_previous_state(tmp_path, disk_fills_at):
     args = run_training.get_args_parser().parse_args(["--epochs", "8", "--no-pretrained"])
     state, *_ = make_state(args)
     path = tmp_path / "lid.state.pt"
     assert runstate.save_state(state, path)
-    real_save = torch.save
-
-    def disk_full(obj, fh):
-        real_save(obj, fh)
-        fh.truncate(fh.tell() // 2)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
-    with warnings.catch_warnings(record=True) as caught:
+    with disk_fills_at(1 << 20), warnings.catch_warnings(record=True) as caught:  # 1 MiB of the 45 MB state
         warnings.simplefilter("always")
         assert not runstate.save_state({**state, "step": 6}, path)
-    assert "No space left on device" in str(caught[0].message) and "previous state is intact" in str(caught[0].message)
-    monkeypatch.undo()
+    (message,) = [str(w.message) for w in caught]
+    assert "File too large" in message and "previous state is intact" in message
     assert runstate.load_state(path, args)["step"] == 3
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left behind"
 
