@@ -16,7 +16,7 @@ from PIL import Image
 import dataset
 import eval as eval_script
 import run_training
-from support import checkpoints, runstate, training
+from support import checkpoints, evaluation, runstate, training
 from support.detector import Detector
 from support.errors import CutPasteError
 
@@ -83,6 +83,21 @@ def test_a_full_disk_at_the_results_table_prints_it_instead(tmp_path, mvtec_root
     err = capsys.readouterr().err
     assert "could not write the results table" in err and "the table above is its only copy" in err
     assert path.is_file(), "the checkpoint written before the table is kept"
+
+
+def test_a_full_disk_at_evals_tables_keeps_the_old_ones_and_prints_the_new(tmp_path, disk_fills_at, capsys):
+    row = {"category": "lid", "variant": "normal", "image_auroc": 87.5, "paper_image_auroc": float("nan"),
+           "steps": 6, "size": 32, "density": "checkpoint", "checkpoint": "model-lid-x.tch", "patch_size": 0}
+    out = tmp_path / "Eval" / "models"
+    evaluation.write_tables([row], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["results.csv", "results.md"] and b"87.5" in before["results.md"]
+    with disk_fills_at(64):  # the temporary file stops at 64 bytes
+        frame = evaluation.write_tables([{**row, "image_auroc": 62.5}], out)
+    printed = capsys.readouterr()
+    assert frame["image_auroc"].tolist() == [62.5, 62.5] and "62.5" in printed.out, "the new table is printed"
+    assert f"could not write the results tables into {out}" in printed.err and "their only copy" in printed.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "old tables whole, no temporary file left"
 
 
 def test_a_second_process_training_the_same_category_into_one_folder_is_refused(tmp_path, mvtec_root):
@@ -237,6 +252,18 @@ def test_predict_checks_its_outputs_and_threshold_before_scoring(tmp_path, mvtec
                            (["--threshold", "nan"], r"--threshold nan is not a number")):
         with pytest.raises(CutPasteError, match=message):
             predict.main([images, "--checkpoint", str(lid_model), *extra])
+
+
+def test_predicts_csv_is_replaced_whole_or_not_at_all(tmp_path, mvtec_root, lid_model, disk_fills_at, capsys):
+    import predict
+    out = tmp_path / "p.csv"
+    out.write_text("the previous predictions\n")
+    image = str(mvtec_root / "lid" / "test" / "good" / "000.png")
+    with disk_fills_at(64), pytest.raises((OSError, CutPasteError)):  # the temporary file stops at 64 bytes
+        predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu"])
+    assert out.read_text() == "the previous predictions\n" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
+    predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu"])
+    assert pd.read_csv(out)["path"].tolist() == [image]
 
 
 def test_nan_weights_are_refused_at_load(tmp_path, lid_model):
