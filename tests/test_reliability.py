@@ -1,6 +1,7 @@
 """Faults and hostile input (doc/reliability.md): a full disk, two runs at once, unwritable outputs, strings and
 numbers from files, images over PIL's limit. Each test makes the fault for real where it can."""
 import errno
+import re
 import resource
 import shutil
 import signal
@@ -189,9 +190,17 @@ def test_an_ensemble_that_mixes_settings_says_so(tmp_path, mvtec_root, lid_model
     one_model_folder(lid_model, tmp_path / "models")
     other = tmp_path / "models" / ("x" + lid_model.name)
     ckpt = torch.load(lid_model, weights_only=True)
-    torch.save({**ckpt, "variant": "scar", "created": ckpt["created"] + "1"}, other)
+    torch.save({**ckpt, "variant": "scar", "size": 48, "steps": 3, "created": ckpt["created"] + "1"}, other)
     eval_script.main(eval_args(mvtec_root, tmp_path / "models", tmp_path / "Eval", "--ensemble"))
-    assert "note: the ensemble of lid mixes variant normal, scar" in capsys.readouterr().out
+    assert "note: the ensemble of lid mixes variant normal, scar; size 32, 48; steps 2, 3 (" in capsys.readouterr().out
+    # A backbone or head of its own needs weights of its own: the note alone, on the checkpoints' settings.
+    base = {"variant": "normal", "size": 32, "steps": 2, "seed": 0, "model": {"arch": "resnet18", "head_layer": 1}}
+    for changed, named in (({"model": {"arch": "efficientnet_b0", "head_layer": 1}}, "arch efficientnet_b0, resnet18"),
+                           ({"model": {"arch": "resnet18", "head_layer": 2}}, "head_layer 1, 2"),
+                           ({"seed": 1}, None)):
+        evaluation.note_mixed("lid", [(Path("a.tch"), base), (Path("b.tch"), {**base, **changed})])
+        said = capsys.readouterr().out
+        assert (f"note: the ensemble of lid mixes {named} (" in said) if named else said == "", "seeds alone: no note"
 
 
 def test_an_image_over_the_decompression_bomb_limit_is_one_error(tmp_path, mvtec_root, lid_model, monkeypatch):
@@ -226,17 +235,28 @@ def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not target.exists()
 
 
-def test_backbone_and_patch_size_are_part_of_what_a_run_is(tmp_path, lid_model):
+# Each setting that makes a run, changed from lid_model's (TINY): the setting's name and its value there.
+OTHER_RUNS = {"variant": (["--variant", "3way"], "'normal'"), "epochs": (["--epochs", "3"], "2"),
+              "batch_size": (["--batch_size", "8"], "4"), "lr": (["--lr", "0.01"], "0.03"),
+              "optim": (["--optim", "adam"], "'sgd'"), "arch": (["--arch", "efficientnet_b0"], "'resnet18'"),
+              "pretrained": (["--pretrained"], "False"), "freeze_resnet": (["--freeze_resnet", "5"], "20"),
+              "head_layer": (["--head_layer", "2"], "1"), "size": (["--size", "48"], "32"),
+              "patch_size": (["--patch_size", "16"], "0"), "seed": (["--seed", "1"], "0")}
+
+
+def test_each_setting_that_makes_a_run_is_compared_by_resume_and_skip(tmp_path, lid_model):
     parse = run_training.get_args_parser().parse_args
     same = parse([*TINY, "--type", "lid"])
     assert runstate.finished_checkpoints(lid_model.parent, same) == {"lid": lid_model}
-    for other in (["--arch", "efficientnet_b0"], ["--patch_size", "16"]):
-        assert runstate.finished_checkpoints(lid_model.parent, parse([*TINY, *other])) == {}, other
     state = {"kind": runstate.STATE_KIND, "format": runstate.STATE_FORMAT, "run_name": "model-lid-x",
              "config": runstate.run_config(same)}
     torch.save(state, tmp_path / "lid.state.pt")
-    with pytest.raises(CutPasteError, match=r"--patch_size 0 \(now 16\)"):
-        runstate.load_state(tmp_path / "lid.state.pt", parse([*TINY, "--patch_size", "16"]))
+    assert set(OTHER_RUNS) == set(runstate.RUN_KEYS)
+    for key, (flags, was) in OTHER_RUNS.items():
+        other = parse([*TINY, *flags])
+        assert runstate.finished_checkpoints(lid_model.parent, other) == {}, f"--{key}: not finished"
+        with pytest.raises(CutPasteError, match=rf"other settings: --{key} {re.escape(was)} \(now "):
+            runstate.load_state(tmp_path / "lid.state.pt", other)
 
 
 def test_predict_checks_its_outputs_and_threshold_before_scoring(tmp_path, mvtec_root, lid_model, monkeypatch):
