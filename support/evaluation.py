@@ -1,6 +1,7 @@
 """eval.py's evaluation: image AUROC per category, plots and a table beside the paper's; with anomaly maps
 (patches.py, gradcam.py) also pixel AUROC, PRO and heatmap figures."""
 import itertools
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,19 +143,24 @@ def _pct(value: float) -> str:
 
 
 def write_tables(rows: list[dict], out: Path) -> pd.DataFrame:
-    """results.csv and results.md: AUROC (%) per category and the mean, beside the paper's."""
+    """results.csv and results.md: AUROC (%) per category and the mean, beside the paper's; each written atomically,
+    and printed instead where the disk refuses them (the scores took minutes to compute)."""
     frame = pd.DataFrame(rows)
     mean = {col: frame[col].mean() for col in ("image_auroc", "paper_image_auroc", *PIXEL_COLUMNS) if col in frame}
     frame = pd.concat([frame, pd.DataFrame([{"category": "mean", **mean}])], ignore_index=True)
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "results.csv", index=False, lineterminator="\n")
     shown = pd.DataFrame({"category": frame["category"], "variant": frame["variant"].fillna(""),
                           "image AUROC (%)": frame["image_auroc"].map(_pct),
                           "Li et al. Table 1 (%)": frame["paper_image_auroc"].map(_pct),
                           "steps": frame["steps"].map(lambda s: "" if pd.isna(s) else str(int(s)))})
     shown = shown.assign(**{title: frame[col].map(_pct) for col, title in PIXEL_COLUMNS.items() if col in frame})
-    (out / "results.md").write_text(shown.to_markdown(index=False, stralign="right") + "\n", encoding="utf-8",
-                                    newline="\n")
+    text = shown.to_markdown(index=False, stralign="right") + "\n"
+    try:
+        checkpoints.atomic_write(out / "results.csv", lambda fh: frame.to_csv(fh, index=False, lineterminator="\n"), "w")
+        checkpoints.atomic_write(out / "results.md", lambda fh: fh.write(text), "w")
+    except OSError as err:
+        print(text, end="")
+        print(f"warning: could not write the results tables into {out} ({err}); the table above is their only "
+              f"copy", file=sys.stderr)
     return frame
 
 

@@ -1,5 +1,8 @@
-"""Fixtures: small seeded synthetic data folders in each layout, made fresh for each test session."""
+"""Fixtures: small seeded synthetic data folders in each layout, made fresh for each test session; a disk that
+fills at a given size; a checkpoint's training scores computed again from its files."""
+import contextlib
 import csv
+import signal
 import sys
 from pathlib import Path
 
@@ -96,3 +99,47 @@ def layout_roots(tmp_path_factory) -> dict[str, Path]:
     """The data root of each layout but MVTec AD's (`mvtec_root`), built once."""
     root = tmp_path_factory.mktemp("layouts")
     return {layout: build_layout(root, layout) for layout in ("mvtec2", "loco", "visa", "folder")}
+
+
+@pytest.fixture
+def disk_fills_at():
+    """`with disk_fills_at(n):` no file this process writes may grow past n bytes, as on a disk that fills there: the
+    kernel stops the write part way and fails the next one (EFBIG), whoever the writer is. Wrap only a call that
+    writes nothing else (with capsys, pytest's captured output stays in memory)."""
+    resource = pytest.importorskip("resource")  # POSIX only
+
+    @contextlib.contextmanager
+    def limit(size: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size if hard == resource.RLIM_INFINITY else min(size, hard), hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+    return limit
+
+
+def rescore_training_images(path: Path):
+    """(the clean training scores a checkpoint stored, the same scores computed again on the CPU): its training
+    images (--data_dir, --layout, --size of its config) embedded by the model loaded from the file, in the training's
+    precision and memory format, and scored by the Gaussian loaded from the file."""
+    import torch
+
+    import dataset
+    import density
+    from support import checkpoints
+    from support.runtime import embed_images
+    ckpt = checkpoints.read_checkpoint(path)
+    config, cpu = ckpt["config"], torch.device("cpu")
+    model = checkpoints.model_from_checkpoint(ckpt, path)
+    images = dataset.MVTecTrain(config["data_dir"], ckpt["category"], ckpt["size"], 0, config["layout"]).images
+    embeds = embed_images(model, images, cpu, bool(config["amp"]), bool(config["channels_last"]))
+    return ckpt["train_scores"], checkpoints.density_from_checkpoint(ckpt, path, cpu).score(density.normalize(embeds))
+
+
+@pytest.fixture(scope="session")
+def training_scores_again():
+    """rescore_training_images, for the round-trip tests of checkpoints."""
+    return rescore_training_images

@@ -4,13 +4,16 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
+import dataset
 import density
 import eval as eval_script
 import run_training
+from support.detector import Detector
 from support.errors import CutPasteError
 
-TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--no-pretrained"]
+TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--no-pretrained", "--device", "cpu"]
 
 
 def test_normalized_scores_known_case():
@@ -40,15 +43,26 @@ def test_eval_ensemble_of_two_seeds(tmp_path, mvtec_root):
         (tmp_path / "models").mkdir(exist_ok=True)
         shutil.copy(path, tmp_path / "models" / f"seed{seed}.tch")
     frame = eval_script.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "models"),
-                              "--out_dir", str(tmp_path / "Eval"), "--workers", "0", "--ensemble"])
+                              "--out_dir", str(tmp_path / "Eval"), "--workers", "0", "--ensemble", "--device", "cpu"])
     table = pd.read_csv(tmp_path / "Eval" / "models_ensemble" / "results.csv")
     assert list(table["category"]) == ["lid", "mean"]
     assert table.loc[0, "models"] == 2 and table.loc[0, "seeds"] == "0+1"
     assert 0 <= table.loc[0, "single_image_auroc_mean"] <= 100
     assert (tmp_path / "Eval" / "models_ensemble" / "lid" / "roc.png").stat().st_size > 1000
-    assert frame["image_auroc"].iloc[0] == pytest.approx(table.loc[0, "image_auroc"])
+    # The same AUROC from each member's scores as predict.py's Detector makes them, standardised by the member's
+    # stored clean training scores and averaged, against the truth of the folders.
+    paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")]
+    standardised = []
+    for seed in (0, 1):
+        path = tmp_path / "models" / f"seed{seed}.tch"
+        clean = torch.load(path, weights_only=True)["train_scores"].double()
+        standardised.append((Detector.load(path, device="cpu").score(paths).double() - clean.mean()) / clean.std())
+    defective = [int(p.parent.name != "good") for p in paths]
+    expected = 100 * roc_auc_score(defective, torch.stack(standardised).mean(dim=0).numpy())
+    assert table.loc[0, "image_auroc"] == pytest.approx(expected, abs=1e-6)
+    assert frame["image_auroc"].iloc[0] == pytest.approx(expected, abs=1e-6)
     # Refitting each member's Gaussian here scores as the Gaussians stored at the end of training do.
     refit = eval_script.main(["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "models"),
                               "--out_dir", str(tmp_path / "Refit"), "--workers", "0", "--ensemble", "--density",
-                              "torch", "--save_plots", "0"])
+                              "torch", "--save_plots", "0", "--device", "cpu"])
     assert refit["image_auroc"].iloc[0] == pytest.approx(frame["image_auroc"].iloc[0], abs=1e-3)

@@ -121,6 +121,9 @@ def test_bad_exported_files_get_one_line_errors(tmp_path, exported, mvtec_root):
     truncated.write_bytes(onnx_file.read_bytes()[:100_000])
     with pytest.raises(CutPasteError, match="truncated.onnx.*truncated.*export.py"):
         predict.main([str(mvtec_root / "lid" / "test" / "good"), "--checkpoint", str(truncated)])
+    rewrite_meta(onnx_file, tmp_path / "escape.onnx", category="../lid")
+    with pytest.raises(CutPasteError, match=r"escape.onnx holds the category '../lid', which is not a plain name"):
+        Detector.load(tmp_path / "escape.onnx")
     bare = tmp_path / "bare.onnx"
     graph = onnx.load(str(onnx_file))
     del graph.metadata_props[:]

@@ -4,13 +4,14 @@ import warnings
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import cutpaste
 import dataset
 import density
 from support import checkpoints as engine
 import eval as eval_script
-from support import evaluation, gradcam, patches
+from support import evaluation, gradcam, metrics, patches
 import run_training
 from support.errors import CutPasteError
 from support.runtime import embed_images
@@ -237,7 +238,7 @@ def test_modes():
 TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained", "--log_every", "2", "--workers", "0"]
 
 
-def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root):
+def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root, monkeypatch):
     (path,) = run_training.main(["--data_dir", str(mvtec_root), "--type", "lid", "--model_dir", str(tmp_path / "pm"),
                                  "--log_dir", str(tmp_path / "logs"), "--patch_size", "32", "--variant", "3way",
                                  "--test_epochs", "2", *TINY, "--size", "64"])
@@ -246,15 +247,30 @@ def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root):
     assert ckpt["density"]["precision"].shape == (512, 512) and ckpt["train_scores"].shape == (16,)
     common = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--out_dir", str(tmp_path / "Eval"),
               "--workers", "0", "--max_heatmaps", "2"]
+    made, dense_maps = [], patches.dense_maps
+
+    def keep(*args, **kwargs):  # the maps eval scores
+        made.append(dense_maps(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(patches, "dense_maps", keep)
     frame = eval_script.main(common + ["--stride", "4"])
     out = tmp_path / "Eval" / "pm"
     table = pd.read_csv(out / "results.csv")
     assert list(table["category"]) == ["lid", "mean"] and table["localization"].iloc[0] == "dense"
-    assert table["pixel_auroc"].between(0, 100).all() and table["pro"].between(0, 100).all()
-    assert table["image_auroc"].iloc[0] == pytest.approx(table["map_image_auroc"].iloc[0])
     assert "pixel AUROC (%)" in (out / "results.md").read_text()
     assert len(list((out / "lid" / "heatmaps").glob("*.png"))) == 2 and (out / "lid" / "pixel_roc.png").exists()
-    assert frame["pro"].iloc[-1] == pytest.approx(table["pro"].iloc[0])
+    # The table's numbers, from the maps eval made and the truth the files give (each defect here has its mask).
+    (maps,) = made
+    test = dataset.MVTecTest(mvtec_root, "lid", 64)
+    defective = [int(it.path.parent.name != "good") for it in test.items]
+    masks = test.masks.numpy().astype(bool)
+    expected = {"image_auroc": roc_auc_score(defective, maps.amax(dim=(1, 2)).numpy()),
+                "map_image_auroc": roc_auc_score(defective, maps.amax(dim=(1, 2)).numpy()),
+                "pixel_auroc": roc_auc_score(masks.ravel(), maps.numpy().ravel()),
+                "pro": metrics.pro_score(masks, maps.numpy())}
+    for column, value in expected.items():
+        assert table[column].iloc[0] == pytest.approx(100 * value, abs=1e-4), column
+    assert frame["pro"].iloc[-1] == pytest.approx(100 * expected["pro"], abs=1e-4), "the mean of one category"
     with pytest.raises(CutPasteError, match="patch-level model"):
         eval_script.main(common + ["--localization", "gradcam"])
     with pytest.raises(CutPasteError, match="--stride 0 is out of range"):

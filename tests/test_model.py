@@ -1,3 +1,4 @@
+import errno
 import os
 import stat
 import urllib.error
@@ -55,17 +56,14 @@ def test_missing_weights_fail_clearly_without_network(tmp_path, monkeypatch):
     assert "--no-pretrained" in message and ResNet18_Weights.IMAGENET1K_V1.url in message
 
 
-def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+def test_atomic_save_keeps_the_old_file_when_the_disk_fills_part_way(tmp_path, disk_fills_at):
     target = tmp_path / "ckpt.tch"
     checkpoints.atomic_save({"a": torch.ones(2)}, target)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise OSError("No space left on device")
-
-    with pytest.raises(OSError):
-        checkpoints.atomic_save({"a": Unpicklable()}, target)
-    assert torch.equal(torch.load(target)["a"], torch.ones(2))
+    old = target.read_bytes()
+    with disk_fills_at(1 << 20), pytest.raises(OSError) as err:  # 1 MiB of the 4 MiB tensor, then EFBIG
+        checkpoints.atomic_save({"a": torch.zeros(1 << 20)}, target)
+    assert err.value.errno == errno.EFBIG, "the write failed, not the serialiser"
+    assert target.read_bytes() == old and torch.equal(torch.load(target)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.tch"], "no temporary file left behind"
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 import dataset
 import eval as eval_script
 import run_training
-from support import checkpoints, runstate, training
+from support import checkpoints, evaluation, runstate, training
 from support.detector import Detector
 from support.errors import CutPasteError
 
@@ -85,6 +85,21 @@ def test_a_full_disk_at_the_results_table_prints_it_instead(tmp_path, mvtec_root
     err = capsys.readouterr().err
     assert "could not write the results table" in err and "the table above is its only copy" in err
     assert path.is_file(), "the checkpoint written before the table is kept"
+
+
+def test_a_full_disk_at_evals_tables_keeps_the_old_ones_and_prints_the_new(tmp_path, disk_fills_at, capsys):
+    row = {"category": "lid", "variant": "normal", "image_auroc": 87.5, "paper_image_auroc": float("nan"),
+           "steps": 6, "size": 32, "density": "checkpoint", "checkpoint": "model-lid-x.tch", "patch_size": 0}
+    out = tmp_path / "Eval" / "models"
+    evaluation.write_tables([row], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["results.csv", "results.md"] and b"87.5" in before["results.md"]
+    with disk_fills_at(64):  # the temporary file stops at 64 bytes
+        frame = evaluation.write_tables([{**row, "image_auroc": 62.5}], out)
+    printed = capsys.readouterr()
+    assert frame["image_auroc"].tolist() == [62.5, 62.5] and "62.5" in printed.out, "the new table is printed"
+    assert f"could not write the results tables into {out}" in printed.err and "their only copy" in printed.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "old tables whole, no temporary file left"
 
 
 def test_a_second_process_training_the_same_category_into_one_folder_is_refused(tmp_path, mvtec_root):
@@ -177,9 +192,17 @@ def test_an_ensemble_that_mixes_settings_says_so(tmp_path, mvtec_root, lid_model
     one_model_folder(lid_model, tmp_path / "models")
     other = tmp_path / "models" / ("x" + lid_model.name)
     ckpt = torch.load(lid_model, weights_only=True)
-    torch.save({**ckpt, "variant": "scar", "created": ckpt["created"] + "1"}, other)
+    torch.save({**ckpt, "variant": "scar", "size": 48, "steps": 3, "created": ckpt["created"] + "1"}, other)
     eval_script.main(eval_args(mvtec_root, tmp_path / "models", tmp_path / "Eval", "--ensemble"))
-    assert "note: the ensemble of lid mixes variant normal, scar" in capsys.readouterr().out
+    assert "note: the ensemble of lid mixes variant normal, scar; size 32, 48; steps 2, 3 (" in capsys.readouterr().out
+    # A backbone or head of its own needs weights of its own: the note alone, on the checkpoints' settings.
+    base = {"variant": "normal", "size": 32, "steps": 2, "seed": 0, "model": {"arch": "resnet18", "head_layer": 1}}
+    for changed, named in (({"model": {"arch": "efficientnet_b0", "head_layer": 1}}, "arch efficientnet_b0, resnet18"),
+                           ({"model": {"arch": "resnet18", "head_layer": 2}}, "head_layer 1, 2"),
+                           ({"seed": 1}, None)):
+        evaluation.note_mixed("lid", [(Path("a.tch"), base), (Path("b.tch"), {**base, **changed})])
+        said = capsys.readouterr().out
+        assert (f"note: the ensemble of lid mixes {named} (" in said) if named else said == "", "seeds alone: no note"
 
 
 def test_an_image_over_the_decompression_bomb_limit_is_one_error(tmp_path, mvtec_root, lid_model, monkeypatch):
@@ -214,17 +237,28 @@ def test_a_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not target.exists()
 
 
-def test_backbone_and_patch_size_are_part_of_what_a_run_is(tmp_path, lid_model):
+# Each setting that makes a run, changed from lid_model's (TINY): the setting's name and its value there.
+OTHER_RUNS = {"variant": (["--variant", "3way"], "'normal'"), "epochs": (["--epochs", "3"], "2"),
+              "batch_size": (["--batch_size", "8"], "4"), "lr": (["--lr", "0.01"], "0.03"),
+              "optim": (["--optim", "adam"], "'sgd'"), "arch": (["--arch", "efficientnet_b0"], "'resnet18'"),
+              "pretrained": (["--pretrained"], "False"), "freeze_resnet": (["--freeze_resnet", "5"], "20"),
+              "head_layer": (["--head_layer", "2"], "1"), "size": (["--size", "48"], "32"),
+              "patch_size": (["--patch_size", "16"], "0"), "seed": (["--seed", "1"], "0")}
+
+
+def test_each_setting_that_makes_a_run_is_compared_by_resume_and_skip(tmp_path, lid_model):
     parse = run_training.get_args_parser().parse_args
     same = parse([*TINY, "--type", "lid"])
     assert runstate.finished_checkpoints(lid_model.parent, same) == {"lid": lid_model}
-    for other in (["--arch", "efficientnet_b0"], ["--patch_size", "16"]):
-        assert runstate.finished_checkpoints(lid_model.parent, parse([*TINY, *other])) == {}, other
     state = {"kind": runstate.STATE_KIND, "format": runstate.STATE_FORMAT, "run_name": "model-lid-x",
              "config": runstate.run_config(same)}
     torch.save(state, tmp_path / "lid.state.pt")
-    with pytest.raises(CutPasteError, match=r"--patch_size 0 \(now 16\)"):
-        runstate.load_state(tmp_path / "lid.state.pt", parse([*TINY, "--patch_size", "16"]))
+    assert set(OTHER_RUNS) == set(runstate.RUN_KEYS)
+    for key, (flags, was) in OTHER_RUNS.items():
+        other = parse([*TINY, *flags])
+        assert runstate.finished_checkpoints(lid_model.parent, other) == {}, f"--{key}: not finished"
+        with pytest.raises(CutPasteError, match=rf"other settings: --{key} {re.escape(was)} \(now "):
+            runstate.load_state(tmp_path / "lid.state.pt", other)
 
 
 def test_predict_checks_its_outputs_and_threshold_before_scoring(tmp_path, mvtec_root, lid_model, monkeypatch):
@@ -241,6 +275,18 @@ def test_predict_checks_its_outputs_and_threshold_before_scoring(tmp_path, mvtec
                            (["--threshold", "nan"], r"--threshold nan is not a number")):
         with pytest.raises(CutPasteError, match=message):
             predict.main([images, "--checkpoint", str(lid_model), *extra])
+
+
+def test_predicts_csv_is_replaced_whole_or_not_at_all(tmp_path, mvtec_root, lid_model, disk_fills_at, capsys):
+    import predict
+    out = tmp_path / "p.csv"
+    out.write_text("the previous predictions\n")
+    image = str(mvtec_root / "lid" / "test" / "good" / "000.png")
+    with disk_fills_at(64), pytest.raises((OSError, CutPasteError)):  # the temporary file stops at 64 bytes
+        predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu"])
+    assert out.read_text() == "the previous predictions\n" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
+    predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu"])
+    assert pd.read_csv(out)["path"].tolist() == [image]
 
 
 def test_nan_weights_are_refused_at_load(tmp_path, lid_model):

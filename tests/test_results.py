@@ -94,11 +94,17 @@ def test_bad_grid_options(tmp_path, mvtec_root):
         reproduce.main(grid_argv(tmp_path, mvtec_root, "--seeds", "1,1"))
 
 
-def test_table_statistics_and_paper_columns(tmp_path):
+def write_two_seeds(path, shift=0.0):
+    """A grid CSV of variant 3way, bottle and cable, seeds 0 and 1 (image AUROC + `shift`)."""
     rows = [dict(category=c, variant="3way", seed=str(s), backbone="resnet18", pretrained=False, steps=10,
-                 size=256, image_auroc=v, models=1)
+                 size=256, image_auroc=v + shift, models=1)
             for c, vals in (("bottle", (97.0, 99.0)), ("cable", (80.0, 84.0))) for s, v in enumerate(vals)]
-    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_table_statistics_and_paper_columns(tmp_path):
+    write_two_seeds(tmp_path / "results.csv")
     written = reproduce.main(["--figures_from", str(tmp_path / "results.csv"), "--figures_dir", str(tmp_path / "doc")])
     assert sorted(p.name for p in written) == ["bars_3way.png", "table.md"]
     table = drawing.summary_table(drawing.load_results(tmp_path / "results.csv"),
@@ -128,3 +134,17 @@ def test_each_run_gets_the_arguments_of_its_command_line(tmp_path):
          str(tmp_path / "eval"), "--density", "torch", "--save_plots", "0", "--workers", "0", "--head_layer", "1",
          "--stride", "8"])
     assert reproduction.eval_args(args, tmp_path / name) == expected
+
+
+def test_a_full_disk_at_the_figures_table_keeps_the_old_one_and_prints_the_new(tmp_path, disk_fills_at, capsys):
+    paper, table = drawing.read_paper(PAPER_TABLE1), tmp_path / "doc" / "table.md"
+    old = drawing.load_results(write_two_seeds(tmp_path / "old.csv"))
+    assert drawing.write_table(old, paper, tmp_path / "old.csv", table) == table
+    before = table.read_bytes()
+    new = drawing.load_results(write_two_seeds(tmp_path / "new.csv", shift=-10.0))
+    with disk_fills_at(64):  # the temporary file stops at 64 bytes
+        assert drawing.write_table(new, paper, tmp_path / "new.csv", table) is None
+    printed = capsys.readouterr()
+    assert "88.0 ± 1.4" in printed.out and "new.csv" in printed.out, "the new table is printed in full"
+    assert f"could not write {table}" in printed.err and "the table above is its only copy" in printed.err
+    assert table.read_bytes() == before and [p.name for p in table.parent.iterdir()] == ["table.md"]

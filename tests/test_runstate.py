@@ -1,9 +1,11 @@
 """Interruptions: periodic states, --resume (bit-identical on the CPU), Ctrl-C, failed and finished categories."""
 import errno
+import functools
 import json
 import os
 import shutil
 import signal
+import threading
 import warnings
 
 import pandas as pd
@@ -15,12 +17,12 @@ from support.runtime import make_generator
 from support import checkpoints as engine
 from support.checkpoints import weights_cache_path
 from support import records, runstate, training
-from support import checkpoints
 import run_training
 from support.errors import CutPasteError
 
+# On the CPU, whatever the machine has: resumed runs are compared bit for bit.
 TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--log_every", "2", "--workers", "0",
-        "--save_every", "2"]
+        "--save_every", "2", "--device", "cpu"]
 
 
 def train(root, data, *extra):
@@ -94,17 +96,42 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, mvtec_root, monkey
 def test_ctrl_c_saves_exits_and_resumes_identically(tmp_path, mvtec_root, monkeypatch):
     extra = ["--type", "cap", "--variant", "scar", "--no-pretrained", "--save_every", "0"]
     (reference,) = train(tmp_path / "a", mvtec_root, *extra)
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {sig: signal.getsignal(sig) for sig in runstate.StopRequest.SIGNALS}
     fail_at_call(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(SystemExit) as stopped:
         train(tmp_path / "b", mvtec_root, *extra)
     assert stopped.value.code == 130
-    assert signal.getsignal(signal.SIGINT) is handler, "the previous handler is restored"
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers, "the previous handlers are restored"
     state = torch.load(runstate.state_path(tmp_path / "b" / "models", "cap"), weights_only=True)
     assert state["step"] == 3, "the step in flight completes, then the state is saved"
     monkeypatch.undo()
     (resumed,) = train(tmp_path / "b", mvtec_root, *extra, "--resume")
     same_checkpoints(reference, resumed)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
+@pytest.mark.parametrize("first,second", [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)])
+def test_a_signal_asks_to_stop_after_the_step_and_a_second_aborts_at_once(first, second, capsys):
+    # Sent to the main thread, a signal's Python handler runs before pthread_kill returns. Handlers of the test's
+    # own stand in around it, so that a signal StopRequest misses is seen here instead of ending pytest.
+    send = functools.partial(signal.pthread_kill, threading.main_thread().ident)
+    missed = []
+
+    def outside(signum, frame):
+        missed.append(signum)
+    previous = {sig: signal.signal(sig, outside) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with runstate.StopRequest() as stop:
+            assert not stop.requested
+            send(first)
+            assert stop.requested, "the training loop saves and stops at its next step"
+            with pytest.raises(KeyboardInterrupt):
+                send(second)
+        assert not missed and all(signal.getsignal(sig) is outside for sig in previous), "handlers restored"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert f"{first.name}: saving the training state after this step" in capsys.readouterr().err
 
 
 def test_failed_category_keeps_the_others_and_finished_ones_are_skipped(tmp_path, mvtec_root):
@@ -164,23 +191,16 @@ def test_bad_states_get_clear_errors(tmp_path):
     assert runstate.load_state(tmp_path / "none.state.pt", args) is None
 
 
-def test_full_disk_during_a_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
+def test_full_disk_during_a_state_write_keeps_the_previous_state(tmp_path, disk_fills_at):
     args = run_training.get_args_parser().parse_args(["--epochs", "8", "--no-pretrained"])
     state, *_ = make_state(args)
     path = tmp_path / "lid.state.pt"
     assert runstate.save_state(state, path)
-    real_save = torch.save
-
-    def disk_full(obj, fh):
-        real_save(obj, fh)
-        fh.truncate(fh.tell() // 2)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
-    with warnings.catch_warnings(record=True) as caught:
+    with disk_fills_at(1 << 20), warnings.catch_warnings(record=True) as caught:  # 1 MiB of the 45 MB state
         warnings.simplefilter("always")
         assert not runstate.save_state({**state, "step": 6}, path)
-    assert "No space left on device" in str(caught[0].message) and "previous state is intact" in str(caught[0].message)
-    monkeypatch.undo()
+    (message,) = [str(w.message) for w in caught]
+    assert "File too large" in message and "previous state is intact" in message
     assert runstate.load_state(path, args)["step"] == 3
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left behind"
 
@@ -196,6 +216,7 @@ def test_full_disk_at_the_final_checkpoint_keeps_the_trained_state(tmp_path, mvt
     state_file = runstate.state_path(tmp_path / "models", "cap")
     assert torch.load(state_file, weights_only=True)["step"] == 2
     monkeypatch.undo()
+    monkeypatch.setattr(training, "train_step", lambda *a, **k: pytest.fail("trained again"))
     (path,) = train(tmp_path, mvtec_root, *extra, "--resume")
     assert engine.read_checkpoint(path)["steps"] == 2 and not state_file.exists()
 
