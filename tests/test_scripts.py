@@ -95,7 +95,7 @@ def test_same_seed_same_model(tmp_path, mvtec_root):
 def test_densities_agree_and_auc_lines(tmp_path, mvtec_root, lid_normal, monkeypatch):
     """The Gaussian stored at the end of training scores the test set as one refitted here does, in float32 (torch)
     or float64 (sklearn): the scores agree to rounding (their AUROCs could differ by a near tie). The published
-    command prints one 'lid AUC: <AUROC>' line (run as a process once)."""
+    command prints one 'lid AUC: <AUROC>' line (run as a process once; --cuda 1 would take a GPU over --device)."""
     copy_model(lid_normal, tmp_path)
     legacy = ("--cuda", "1", "--head_layer", "2", "--save_plots", "0", "--data_dir", str(mvtec_root))
     res = run_script("eval.py", "--density", "torch", *legacy, cwd=tmp_path)
@@ -109,8 +109,8 @@ def test_densities_agree_and_auc_lines(tmp_path, mvtec_root, lid_normal, monkeyp
         return real(labels, values)
     monkeypatch.setattr(metrics, "image_auroc", keep)
     for kind in ("checkpoint", "torch", "sklearn"):
-        eval_script.main(["--density", kind, *legacy, "--device", "cpu", "--model_dir", str(tmp_path / "models"),
-                          "--out_dir", str(tmp_path / "Eval")])
+        eval_script.main(["--density", kind, "--save_plots", "0", "--data_dir", str(mvtec_root), "--device", "cpu",
+                          "--model_dir", str(tmp_path / "models"), "--out_dir", str(tmp_path / "Eval")])
     assert scores["checkpoint"].std() > 0
     for kind in ("torch", "sklearn"):
         np.testing.assert_allclose(scores[kind], scores["checkpoint"], rtol=1e-4, err_msg=kind)
