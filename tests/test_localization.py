@@ -247,12 +247,12 @@ def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root, monkeypa
     assert ckpt["density"]["precision"].shape == (512, 512) and ckpt["train_scores"].shape == (16,)
     common = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--out_dir", str(tmp_path / "Eval"),
               "--workers", "0", "--max_heatmaps", "2"]
-    made, dense_maps = [], patches.dense_maps
+    made, report = [], evaluation.report
 
-    def keep(*args, **kwargs):  # the maps eval scores
-        made.append(dense_maps(*args, **kwargs))
-        return made[-1]
-    monkeypatch.setattr(patches, "dense_maps", keep)
+    def keep(category, test_set, maps, *args, **kwargs):  # the maps eval scores
+        made.append(maps.maps)
+        return report(category, test_set, maps, *args, **kwargs)
+    monkeypatch.setattr(evaluation, "report", keep)
     frame = eval_script.main(common + ["--stride", "4"])
     out = tmp_path / "Eval" / "pm"
     table = pd.read_csv(out / "results.csv")

@@ -96,7 +96,7 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, mvtec_root, monkey
 def test_ctrl_c_saves_exits_and_resumes_identically(tmp_path, mvtec_root, monkeypatch):
     extra = ["--type", "cap", "--variant", "scar", "--no-pretrained", "--save_every", "0"]
     (reference,) = train(tmp_path / "a", mvtec_root, *extra)
-    handlers = {sig: signal.getsignal(sig) for sig in runstate.StopRequest.SIGNALS}
+    handlers = {sig: signal.getsignal(sig) for sig in runstate.stop_signals()}
     fail_at_call(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(SystemExit) as stopped:
         train(tmp_path / "b", mvtec_root, *extra)
