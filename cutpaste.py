@@ -16,7 +16,7 @@ The module reads in that order:
    that one image: `cut_box`, `color_jitter` (torchvision's own functions), `paste_box`.
 2. The batched path that training runs (`make_batch`): the same images for a whole batch on the training device,
    with fixed shapes and nothing read back to the host, so that a CUDA graph can capture a training step
-   (support/cudagraphs.py). Each box is packed into a fixed number of slots, and the jitter runs stage by stage.
+   (training/cudagraphs.py). Each box is packed into a fixed number of slots, and the jitter runs stage by stage.
    tests/test_cutpaste.py checks that both paths give the same images for the same parameters.
 
 Images are float (B, 3, H, W) in [0, 1], or (3, H, W) for one image; H and W may differ.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from config.paper import VARIANTS
+from common.paper import VARIANTS
 
 # Section 3.1: "area ratio ... in (0.02, 0.15)" and aspect ratio log-uniform in (0.3, 1/0.3).
 CUTPASTE_AREA_RATIO = (0.02, 0.15)
@@ -190,7 +190,7 @@ def cutpaste_image(image: torch.Tensor, p: PasteParams, jitter: JitterParams, i:
 
 
 # ---- 2. The batched path: the method on a whole batch on the training device, in fixed shapes and without reading
-# the device back to the host, so that a CUDA graph can capture it (support/cudagraphs.py) ---------------------------
+# the device back to the host, so that a CUDA graph can capture it (training/cudagraphs.py) ---------------------------
 
 # Greyscale weights of torchvision's rgb_to_grayscale (ITU-R BT.601, red rounded as torchvision does).
 _LUMA = (0.2989, 0.587, 0.114)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from support import download
-from support.errors import CutPasteError, run_main
+from common.errors import CutPasteError, run_main
+from storage import download
 
 # The 15 categories of MVTec AD, in the order of the paper's Table 1.
 MVTEC_CATEGORIES = (

@@ -9,9 +9,10 @@ import argparse
 import time
 from pathlib import Path
 
-from config.paper import VARIANTS
-from support import demo_data, options
-from support.errors import run_main
+from cli import options
+from common.errors import run_main
+from common.paper import VARIANTS
+from reproduction import demo_data
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,15 +32,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     started = time.perf_counter()
     args = get_args_parser().parse_args(argv)
-    from support import evaluation, training  # torch loads after parsing: --help answers at once
+    from evaluation import evaluate  # torch loads after parsing: --help answers at once
+    from training import loop
     category = demo_data.DEMO_CATEGORY
     if not (args.data_dir / category).is_dir():
         print(f"writing the synthetic category {category!r} to {args.data_dir}")
         demo_data.make_dataset(args.data_dir, category, size=args.size, seed=args.seed)
     common = {"data_dir": args.data_dir, "type": category, "model_dir": args.model_dir, "device": args.device}
-    training.run(options.training_args(**common, pretrained=False, variant=args.variant, epochs=args.epochs,
+    loop.run(options.training_args(**common, pretrained=False, variant=args.variant, epochs=args.epochs,
                                        size=args.size, batch_size=args.batch_size, seed=args.seed))
-    frame = evaluation.run(options.eval_args(**common))
+    frame = evaluate.run(options.eval_args(**common))
     print(f"demo done in {time.perf_counter() - started:.0f} s")
     return frame
 

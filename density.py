@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
-from support.errors import CutPasteError
+from common.errors import CutPasteError
 
 # Folds of the held-out scoring: each fit sees 80 % of the clean images.
 HELDOUT_FOLDS = 5

@@ -6,8 +6,8 @@ table beside the paper's; with anomaly maps also pixel AUROC, PRO and heatmap fi
     python eval.py --model_dir models --ensemble            # every checkpoint per category, scores averaged
     python eval.py --model_dir models_patch --stride 16     # a patch-level model, scored densely
 """
-from support import options
-from support.errors import run_main
+from cli import options
+from common.errors import run_main
 
 
 def get_args_parser():
@@ -16,8 +16,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    from support import evaluation  # torch and friends load after parsing, so that --help answers at once
-    return evaluation.run(args)
+    from evaluation import evaluate  # torch and friends load after parsing, so that --help answers at once
+    return evaluate.run(args)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ Details and speeds: doc/deploy.md.
 """
 import argparse
 
-from support import options
-from support.errors import run_main
+from cli import options
+from common.errors import run_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    from support import export  # torch and the exporters load after parsing, so that --help answers at once
+    from deploy import export  # torch and the exporters load after parsing, so that --help answers at once
     meta = export.export(args.checkpoint, args.format, args.out, args.stride)
     threshold = "none" if meta["threshold"] is None else f"{meta['threshold']:.4f}"
     print(f"{meta['category']}: wrote {args.out} ({args.format}, {meta['size']} px"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from config.paper import DEFAULT_ARCH  # the paper's backbone, resnet18
+from common.paper import DEFAULT_ARCH  # the paper's backbone, resnet18
 
 # ImageNet statistics, applied inside the model so callers feed [0, 1] and checkpoints carry the normalisation.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -5,14 +5,14 @@
 
 An image is "anomalous" when its score exceeds --threshold or, by default, the --quantile of the
 clean training images' held-out scores (map maxima, for a patch-level model). Overlays go to
-<overlay_dir>/<input path>.overlay.png. From Python: support.detector.Detector.
+<overlay_dir>/<input path>.overlay.png. From Python: deploy.detector.Detector.
 """
 import argparse
 from pathlib import Path
 
-from config.paper import DEFAULT_QUANTILE, PREDICT_BATCH
-from support import options
-from support.errors import run_main
+from cli import options
+from common.errors import run_main
+from common.paper import DEFAULT_QUANTILE, PREDICT_BATCH
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    from support import prediction  # torch and friends load after parsing, so that --help answers at once
+    from deploy import prediction  # torch and friends load after parsing, so that --help answers at once
     return prediction.run(args)
 
 

@@ -13,9 +13,10 @@ draws them from an existing CSV without running anything:
 import argparse
 from pathlib import Path
 
-from config.paper import PAPER_SIZE, PAPER_TABLE1, PAPER_VARIANTS, VARIANTS
-from support import demo_data, options
-from support.errors import CutPasteError, run_main
+from cli import options
+from common.errors import CutPasteError, run_main
+from common.paper import PAPER_SIZE, PAPER_TABLE1, PAPER_VARIANTS, VARIANTS
+from reproduction import demo_data
 
 # "paper": the paper's 256 px and the 10000 steps of the earlier reimplementation's published Table 1 commands (the
 # batch of 32 clean images, 64 with their copies, is --batch_size's default). "demo": the synthetic category
@@ -98,11 +99,11 @@ def resolve_args(args) -> argparse.Namespace:
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.figures_from is not None:
-        from support import figures  # pandas, seaborn and tensorboard load after parsing
+        from reproduction import figures  # pandas, seaborn and tensorboard load after parsing
         return figures.draw(args.figures_from, args.figures_dir or args.figures_from.parent, args)
     args = resolve_args(args)
-    from support import reproduction  # torch and friends load after parsing, so that --help answers at once
-    return reproduction.run(args)
+    from reproduction import grid  # torch and friends load after parsing, so that --help answers at once
+    return grid.run(args)
 
 
 if __name__ == "__main__":

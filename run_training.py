@@ -3,8 +3,8 @@
     python run_training.py --model_dir models --head_layer 2
     python run_training.py --epochs 10000 --test_epochs 32 --no-pretrained --cuda 1 --head_layer 1 --variant 3way
 """
-from support import options
-from support.errors import run_main
+from cli import options
+from common.errors import run_main
 
 
 def get_args_parser():
@@ -13,8 +13,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    from support import training  # torch and friends load after parsing, so that --help answers at once
-    return training.run(args)
+    from training import loop  # torch and friends load after parsing, so that --help answers at once
+    return loop.run(args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from support import demo_data  # noqa: E402
+from reproduction import demo_data  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -129,8 +129,8 @@ def rescore_training_images(path: Path):
 
     import dataset
     import density
-    from support import checkpoints
-    from support.runtime import embed_images
+    from storage import checkpoints
+    from training.devices import embed_images
     ckpt = checkpoints.read_checkpoint(path)
     config, cpu = ckpt["config"], torch.device("cpu")
     model = checkpoints.model_from_checkpoint(ckpt, path)

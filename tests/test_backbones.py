@@ -3,12 +3,13 @@ import pytest
 import torch
 from torchvision.models import EfficientNet_B0_Weights, efficientnet_b0
 
-from support import checkpoints as engine
-from support.checkpoints import weights_cache_path
 import eval as eval_script
-from support.errors import CutPasteError
 import run_training
+from common.errors import CutPasteError
 from model import ProjectionNet, classification_backbone, head_layers
+from storage import checkpoints as engine
+from training import pretrained
+from training.pretrained import weights_cache_path
 
 
 @pytest.mark.parametrize("arch,width", [("resnet18", 512), ("resnet50", 2048), ("efficientnet_b0", 1280),
@@ -54,7 +55,7 @@ def test_pretrained_efficientnet_comes_from_the_torchvision_cache(tmp_path, monk
     path.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), path)
     model = engine.build_model(1, 2, "efficientnet_b0")
-    engine.load_imagenet_backbone(model)
+    pretrained.load_imagenet_backbone(model)
     assert torch.equal(model.efficientnet_b0.features[0][0].weight, reference.features[0][0].weight)
 
 
@@ -83,7 +84,7 @@ def test_efficientnet_checkpoint_round_trip_and_eval(tmp_path, mvtec_root, train
 
 
 def test_gradcam_hooks_the_last_feature_map_block_of_each_backbone():
-    from support.gradcam import _capture_last_feature_maps
+    from localization.gradcam import _capture_last_feature_maps
     blocks = {"resnet18": lambda net: net.layer4, "efficientnet_b0": lambda net: net.features,
               "mobilenet_v3_small": lambda net: net.features}
     for arch, block in blocks.items():

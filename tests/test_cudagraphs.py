@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from support.cudagraphs import GraphedCall
-from support.errors import CutPasteError
-from support.runtime import make_generator
+from common.errors import CutPasteError
 from cutpaste import make_batch
-from support.patches import make_patch_batch
+from localization.patches import make_patch_batch
+from training.cudagraphs import GraphedCall
+from training.devices import make_generator
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

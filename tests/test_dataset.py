@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import dataset
-from support.errors import CutPasteError
+from common.errors import CutPasteError
 
 
 def test_enumeration_is_sorted_and_labelled(mvtec_root):

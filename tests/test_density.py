@@ -4,7 +4,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 import density
-from support import metrics
+from evaluation import metrics
 
 
 def sample(n, d, seed):
@@ -56,7 +56,7 @@ def test_image_auroc_known_case():
 @pytest.mark.parametrize("kind", ["torch", "sklearn"])
 def test_no_spread_is_a_clear_error_not_a_singular_matrix(kind):
     """Ledoit-Wolf shrinks towards mu * I, which is zero when the embeddings do not vary at all."""
-    from support.errors import CutPasteError
+    from common.errors import CutPasteError
     gen = torch.Generator().manual_seed(0)
     for n in (1, 2, 3, 5, 7, 96):  # identical rows, whose mean may round off them
         row = torch.randn(1, 512, generator=gen)

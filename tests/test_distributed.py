@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from support import distributed
-from support import checkpoints as engine
+from storage import checkpoints as engine
+from training import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained", "--log_every", "2",

@@ -20,8 +20,9 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 import dataset
 import run_training
-from support import checkpoints, download
-from support.errors import CutPasteError, run_main
+from common.errors import CutPasteError, run_main
+from storage import checkpoints, download
+from training import pretrained
 
 SERVER_LIFETIME_S = 60.0
 FILES = {
@@ -277,7 +278,7 @@ def test_a_fresh_machine_downloads_the_imagenet_weights_and_trains(tmp_path, mon
     trained = checkpoints.read_checkpoint(path)
     assert trained["config"]["pretrained"] is True
     assert torch.equal(trained["state_dict"]["resnet18.conv1.weight"], reference["conv1.weight"])
-    again = checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)  # the server is gone: the cache
+    again = pretrained.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)  # the server is gone: the cache
     assert torch.equal(again["layer4.1.conv2.weight"], reference["layer4.1.conv2.weight"])
 
 
@@ -286,7 +287,7 @@ def test_a_download_without_the_hash_its_name_promises_is_refused(monkeypatch, e
     with ArchiveServer(payload, name="resnet18-0123abcdef.pth") as server:
         serve_as_imagenet_weights(monkeypatch, server)
         with pytest.raises(CutPasteError, match=r"does not have the SHA-256 its name promises.*--no-pretrained"):
-            checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
+            pretrained.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
     assert list((empty_torch_home / "hub" / "checkpoints").iterdir()) == [], "nothing kept, no partial file"
 
 
@@ -297,13 +298,13 @@ def test_no_network_or_a_stalled_one_ends_in_the_offline_message(monkeypatch, em
     monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.value, "url", f"http://127.0.0.1:{port}/resnet18-f37072fd.pth")
     offline = r"not cached at .*resnet18-f37072fd.pth and could not be downloaded.*or train with --no-pretrained"
     with pytest.raises(CutPasteError, match=offline):
-        checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
-    monkeypatch.setattr(checkpoints, "DOWNLOAD_TIMEOUT_S", 0.3)
+        pretrained.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
+    monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT_S", 0.3)
     payload, name = weights_file({"conv1.weight": torch.zeros(1)})
     with ArchiveServer(payload, name=name, stall=3.0) as server:
         serve_as_imagenet_weights(monkeypatch, server)
         started = time.perf_counter()
         with pytest.raises(CutPasteError, match=r"could not be downloaded .*timed out"):
-            checkpoints.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
+            pretrained.load_pretrained_state(ResNet18_Weights.IMAGENET1K_V1)
         assert time.perf_counter() - started < 2.5, "the timeout ends the wait, not the server"
     assert socket.getdefaulttimeout() is None, "the process's default timeout is restored"

@@ -10,8 +10,8 @@ import dataset
 import density
 import eval as eval_script
 import run_training
-from support.detector import Detector
-from support.errors import CutPasteError
+from common.errors import CutPasteError
+from deploy.detector import Detector
 
 TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--no-pretrained", "--device", "cpu"]
 

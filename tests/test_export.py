@@ -11,9 +11,9 @@ import dataset
 import export as export_script
 import predict
 import run_training
-from support import export
-from support.detector import Detector
-from support.errors import CutPasteError
+from common.errors import CutPasteError
+from deploy import export
+from deploy.detector import Detector
 
 FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
 RTOL = 1e-4

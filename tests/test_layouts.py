@@ -16,9 +16,9 @@ import dataset
 import eval as eval_script
 import predict
 import run_training
-from config.paper import DEFAULT_QUANTILE
-from support.detector import Detector
-from support.errors import CutPasteError
+from common.errors import CutPasteError
+from common.paper import DEFAULT_QUANTILE
+from deploy.detector import Detector
 
 TINY = ["--size", "32", "--epochs", "2", "--batch_size", "4", "--no-pretrained", "--variant", "normal",
         "--workers", "0", "--log_every", "1"]

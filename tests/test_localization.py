@@ -9,13 +9,14 @@ from sklearn.metrics import roc_auc_score
 import cutpaste
 import dataset
 import density
-from support import checkpoints as engine
 import eval as eval_script
-from support import evaluation, gradcam, metrics, patches
 import run_training
-from support.errors import CutPasteError
-from support.runtime import embed_images
-from support.scorer import Scorer
+from common.errors import CutPasteError
+from evaluation import evaluate, metrics
+from localization import gradcam, patches
+from scoring.scorer import Scorer
+from storage import checkpoints as engine
+from training.devices import embed_images
 
 
 def gen(seed=0):
@@ -205,34 +206,34 @@ def test_missing_defect_mask_is_left_out_with_a_warning(mvtec_root, tmp_path):
     test_set.has_mask[-1] = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        keep = evaluation.scorable_images(test_set, "lid")
+        keep = evaluate.scorable_images(test_set, "lid")
     assert keep.sum() == len(test_set) - 1 and "no usable mask" in str(caught[0].message)
     maps = test_set.masks.float() + 0.1 * torch.rand(test_set.masks.shape, generator=gen(7))
     with pytest.warns(UserWarning, match="no usable mask"):
-        row = evaluation.report("lid", test_set, evaluation.Maps(maps, "dense", "shared"), tmp_path, True, 3)
+        row = evaluate.report("lid", test_set, evaluate.Maps(maps, "dense", "shared"), tmp_path, True, 3)
     assert row["pixel_auroc"] == pytest.approx(100.0) and row["pro"] == pytest.approx(100.0)
     assert (tmp_path / "pixel_roc.png").stat().st_size > 1000
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 3
 
 
 def test_heatmap_choice_and_display_range():
-    assert evaluation.heatmap_indices(10, 0) == [] and evaluation.heatmap_indices(3, 8) == [0, 1, 2]
-    assert evaluation.heatmap_indices(83, 4) == [0, 27, 55, 82]
+    assert evaluate.heatmap_indices(10, 0) == [] and evaluate.heatmap_indices(3, 8) == [0, 1, 2]
+    assert evaluate.heatmap_indices(83, 4) == [0, 27, 55, 82]
     maps = torch.zeros(2, 10, 10)
     maps[0, 0, 0] = 1000.0  # one extreme pixel does not set the scale
     maps[1] = torch.linspace(0, 1, 100).view(10, 10)
-    lo, hi = evaluation.display_range(maps)
+    lo, hi = evaluate.display_range(maps)
     assert lo == 0 and hi < 1000
 
 
 def test_modes():
-    assert evaluation.resolve_mode("auto", 64, "m.tch") == "dense" and evaluation.resolve_mode("auto", 0, "m.tch") == "none"
-    assert evaluation.resolve_mode("gradcam", 0, "m.tch") == "gradcam"
+    assert evaluate.resolve_mode("auto", 64, "m.tch") == "dense" and evaluate.resolve_mode("auto", 0, "m.tch") == "none"
+    assert evaluate.resolve_mode("gradcam", 0, "m.tch") == "gradcam"
     with pytest.raises(CutPasteError, match="m.tch is a patch-level model.*--localization dense"):
-        evaluation.resolve_mode("gradcam", 64, "m.tch")
-    assert evaluation.dense_patch_size(0, 256) == 64 and evaluation.dense_patch_size(16, 32) == 16
-    assert evaluation.use_local_density("auto", "bottle") and not evaluation.use_local_density("auto", "screw")
-    assert evaluation.use_local_density("local", "lid") and not evaluation.use_local_density("shared", "bottle")
+        evaluate.resolve_mode("gradcam", 64, "m.tch")
+    assert evaluate.dense_patch_size(0, 256) == 64 and evaluate.dense_patch_size(16, 32) == 16
+    assert evaluate.use_local_density("auto", "bottle") and not evaluate.use_local_density("auto", "screw")
+    assert evaluate.use_local_density("local", "lid") and not evaluate.use_local_density("shared", "bottle")
 
 
 TINY = ["--size", "32", "--epochs", "4", "--batch_size", "4", "--no-pretrained", "--log_every", "2", "--workers", "0"]
@@ -247,12 +248,12 @@ def test_patch_model_trains_and_evaluates_densely(tmp_path, mvtec_root, monkeypa
     assert ckpt["density"]["precision"].shape == (512, 512) and ckpt["train_scores"].shape == (16,)
     common = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "pm"), "--out_dir", str(tmp_path / "Eval"),
               "--workers", "0", "--max_heatmaps", "2"]
-    made, report = [], evaluation.report
+    made, report = [], evaluate.report
 
     def keep(category, test_set, maps, *args, **kwargs):  # the maps eval scores
         made.append(maps.maps)
         return report(category, test_set, maps, *args, **kwargs)
-    monkeypatch.setattr(evaluation, "report", keep)
+    monkeypatch.setattr(evaluate, "report", keep)
     frame = eval_script.main(common + ["--stride", "4"])
     out = tmp_path / "Eval" / "pm"
     table = pd.read_csv(out / "results.csv")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from support import metrics
+from evaluation import metrics
 
 
 def test_pixel_auroc_by_hand():

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
-from support import checkpoints
-from support.errors import CutPasteError
-from support import checkpoints as engine
-from support.checkpoints import weights_cache_path
+from common.errors import CutPasteError
 from model import ProjectionNet, head_layers
+from storage import checkpoints as engine
+from storage import files
+from training import pretrained
+from training.pretrained import weights_cache_path
 
 
 def test_shapes_and_head_layout():
@@ -38,7 +39,7 @@ def test_pretrained_weights_come_from_the_torchvision_cache(tmp_path, monkeypatc
     path.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), path)
     model = engine.build_model(1, 2)
-    engine.load_imagenet_backbone(model)
+    pretrained.load_imagenet_backbone(model)
     assert torch.equal(model.resnet18.conv1.weight, reference.conv1.weight)
 
 
@@ -50,7 +51,7 @@ def test_missing_weights_fail_clearly_without_network(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(CutPasteError) as err:
-        engine.load_imagenet_backbone(engine.build_model(1, 2))
+        pretrained.load_imagenet_backbone(engine.build_model(1, 2))
     message = str(err.value)
     assert str(tmp_path / "checkpoints" / "resnet18-f37072fd.pth") in message
     assert "--no-pretrained" in message and ResNet18_Weights.IMAGENET1K_V1.url in message
@@ -58,10 +59,10 @@ def test_missing_weights_fail_clearly_without_network(tmp_path, monkeypatch):
 
 def test_atomic_save_keeps_the_old_file_when_the_disk_fills_part_way(tmp_path, disk_fills_at):
     target = tmp_path / "ckpt.tch"
-    checkpoints.atomic_save({"a": torch.ones(2)}, target)
+    files.atomic_save({"a": torch.ones(2)}, target)
     old = target.read_bytes()
     with disk_fills_at(1 << 20), pytest.raises(OSError) as err:  # 1 MiB of the 4 MiB tensor, then EFBIG
-        checkpoints.atomic_save({"a": torch.zeros(1 << 20)}, target)
+        files.atomic_save({"a": torch.zeros(1 << 20)}, target)
     assert err.value.errno == errno.EFBIG, "the write failed, not the serialiser"
     assert target.read_bytes() == old and torch.equal(torch.load(target)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.tch"], "no temporary file left behind"
@@ -70,7 +71,7 @@ def test_atomic_save_keeps_the_old_file_when_the_disk_fills_part_way(tmp_path, d
 def test_atomic_save_gives_the_mode_of_a_plain_file(tmp_path):
     old = os.umask(0o022)
     try:
-        checkpoints.atomic_save({"a": torch.ones(2)}, tmp_path / "ckpt.tch")
+        files.atomic_save({"a": torch.ones(2)}, tmp_path / "ckpt.tch")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ckpt.tch").stat().st_mode) == 0o644, "not mkstemp's 0600"

@@ -23,8 +23,13 @@ from torch.overrides import TorchFunctionMode
 
 import dataset
 import density
-from support import checkpoints, download, evaluation, prediction, reproduction, runstate, runtime
-from support.errors import CutPasteError
+from storage import files
+from deploy import overlays
+from evaluation import evaluate
+from reproduction import grid
+from storage import checkpoints, download
+from training import devices, runstate
+from common.errors import CutPasteError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,17 +44,18 @@ os.linesep = "\r\n"
 root, data, out = (Path(arg) for arg in sys.argv[1:4])
 sys.path[:0] = [str(root), str(root / "tools")]
 warnings.simplefilter("ignore")  # filelock says it falls back to a soft lock: on Windows it has its own
-for path in sorted([*root.glob("*.py"), *root.glob("support/*.py"), *root.glob("tools/*.py"),
+packages = [p.parent for p in root.glob("*/__init__.py")]
+for path in sorted([*root.glob("*.py"), *(m for pkg in packages for m in pkg.glob("*.py")), *root.glob("tools/*.py"),
                     *root.glob("tests/test_*.py")]):
     if path.parent.name == "tests":
         spec = importlib.util.spec_from_file_location(path.stem, path)
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    elif path.parent.name == "support":
-        importlib.import_module("support" if path.stem == "__init__" else f"support.{path.stem}")
+    elif path.parent in packages:
+        importlib.import_module(path.parent.name + ("" if path.stem == "__init__" else f".{path.stem}"))
     else:
         importlib.import_module(path.stem)  # a script at the root, or a tool (tools/ is on sys.path)
 import eval as eval_script, flags_doc, pandas, predict, run_training
-from support import checkpoints
+from storage import files
 (ckpt,) = run_training.main(["--data_dir", str(data), "--type", "lid", "--model_dir", str(out / "m"), "--log_dir",
                              str(out / "logs"), "--size", "32", "--epochs", "2", "--batch_size", "4",
                              "--no-pretrained", "--workers", "0", "--variant", "normal", "--log_every", "1"])
@@ -57,7 +63,7 @@ eval_script.main(["--data_dir", str(data), "--type", "lid", "--model_dir", str(o
                   str(out / "e"), "--save_plots", "0", "--workers", "0"])
 predict.main([str(data / "lid" / "test" / "good"), "--checkpoint", str(ckpt), "--out", str(out / "p.csv"),
               "--device", "cpu"])
-checkpoints.write_csv(pandas.DataFrame({"defect": ["crack\u2013edge"]}), out / "u.csv")
+files.write_csv(pandas.DataFrame({"defect": ["crack\u2013edge"]}), out / "u.csv")
 print("flags doc read:", flags_doc.main(["--check"]))
 """
 
@@ -125,21 +131,21 @@ class OnFakeMPS(TorchFunctionMode):
 def test_auto_takes_an_apple_gpu_and_mps_is_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert runtime.resolve_device("auto") == torch.device("mps")
+    assert devices.resolve_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert runtime.resolve_device("auto") == torch.device("cpu")
+    assert devices.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(CutPasteError, match=r"--device mps asked for an Apple GPU \(MPS\), but torch sees none"):
-        runtime.resolve_device("mps")
+        devices.resolve_device("mps")
 
 
 def test_bf16_is_not_claimed_for_mps_from_the_host_cpus_flags(monkeypatch):
-    monkeypatch.delenv(runtime.NO_BF16_ENV, raising=False)
+    monkeypatch.delenv(devices.NO_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # a host CPU with bf16
-    assert runtime.bf16_supported(torch.device("cpu")) is True
-    assert runtime.bf16_supported(torch.device("mps")) is False
+    assert devices.bf16_supported(torch.device("cpu")) is True
+    assert devices.bf16_supported(torch.device("mps")) is False
     args = argparse.Namespace(amp=None, channels_last=None)
-    runtime.choose(args, torch.device("mps"))
+    devices.choose(args, torch.device("mps"))
     assert (args.amp, args.channels_last) == (False, False)
 
 
@@ -177,7 +183,7 @@ def test_text_is_utf8_with_lf_whatever_the_system_writes_by_default(tmp_path, mo
     opened, real = [], os.fdopen
     monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", **kw: opened.append(kw) or real(fd, mode, **kw))
     monkeypatch.setattr(os, "linesep", "\r\n")  # what pandas ends rows with on Windows
-    checkpoints.write_csv(pd.DataFrame({"path": ["C:\\donn\u00e9es\\a.png"], "score": [1.5]}), tmp_path / "p.csv")
+    files.write_csv(pd.DataFrame({"path": ["C:\\donn\u00e9es\\a.png"], "score": [1.5]}), tmp_path / "p.csv")
     assert opened == [{"encoding": "utf-8", "newline": "\n"}], "not the locale's encoding, no newline translation"
     assert (tmp_path / "p.csv").read_bytes() == "path,score\nC:\\donn\u00e9es\\a.png,1.5\n".encode("utf-8")
 
@@ -192,9 +198,9 @@ def test_a_file_held_open_elsewhere_is_retried_then_named(tmp_path, monkeypatch)
             refused.append(dst)
             raise PermissionError(13, "Access is denied")  # Windows, while Excel has the file open
         real_replace(src, dst)
-    monkeypatch.setattr(checkpoints, "REPLACE_WAITS_S", (0.0,) * 5)
+    monkeypatch.setattr(files, "REPLACE_WAITS_S", (0.0,) * 5)
     monkeypatch.setattr(os, "replace", held_for_two_tries)
-    checkpoints.atomic_write(target, lambda fh: fh.write("new\n"), "w")
+    files.atomic_write(target, lambda fh: fh.write("new\n"), "w")
     assert target.read_text() == "new\n" and len(refused) == 2
 
     def held(src, dst):
@@ -202,7 +208,7 @@ def test_a_file_held_open_elsewhere_is_retried_then_named(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "replace", held)
     with pytest.raises(CutPasteError, match=r"cannot replace .*predictions\.csv: another program holds it open") \
             as err:
-        checkpoints.atomic_write(target, lambda fh: fh.write("newer\n"), "w")
+        files.atomic_write(target, lambda fh: fh.write("newer\n"), "w")
     assert isinstance(err.value, OSError), "callers that go on after a failed write still catch it"
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
 
@@ -212,7 +218,7 @@ def test_checkpoints_are_mapped_only_where_a_mapped_file_can_be_replaced(tmp_pat
     path = tmp_path / "model-lid-x.tch"
 
     def save(value):
-        checkpoints.atomic_save({"format": checkpoints.CHECKPOINT_FORMAT, "category": "lid", "config": {},
+        files.atomic_save({"format": checkpoints.CHECKPOINT_FORMAT, "category": "lid", "config": {},
                                  "model": {}, "state_dict": {"w": torch.full((4096,), value)}, "density": {}}, path)
 
     def mapped() -> bool:
@@ -236,12 +242,12 @@ def test_checkpoints_are_mapped_only_where_a_mapped_file_can_be_replaced(tmp_pat
                                   "a?b", "a*b", 'a"b', "a<b", "a|b", "tab\there"])
 def test_names_windows_reads_as_drives_or_devices_are_refused(tmp_path, name):
     with pytest.raises(CutPasteError, match="which is not a plain name"):
-        checkpoints.plain_name(name, "the category", tmp_path / "model.tch")
+        files.plain_name(name, "the category", tmp_path / "model.tch")
 
 
 def test_plain_names_pass_and_why_a_drive_is_not_one():
     for name in ("lid", "metal_nut", "console", "com10", "con_rod", "nul-x", "\u00e9t\u00e9"):
-        assert checkpoints.plain_name(name, "the category", Path("model.tch")) == name
+        assert files.plain_name(name, "the category", Path("model.tch")) == name
     out = PureWindowsPath(r"C:\Eval")
     assert not (out / "D:x").is_relative_to(out), "joined to a folder, a drive-relative name leaves it"
 
@@ -308,9 +314,9 @@ def test_a_type_spelled_otherwise_than_its_folder_is_refused(layout_roots, mvtec
 def test_one_model_folder_spelled_two_ways_keeps_one_results_folder(tmp_path, case_insensitive):
     (tmp_path / "runs" / "models").mkdir(parents=True)
     case_insensitive(tmp_path)
-    first = evaluation.results_folder(argparse.Namespace(model_dir=tmp_path / "runs" / "models",
+    first = evaluate.results_folder(argparse.Namespace(model_dir=tmp_path / "runs" / "models",
                                                          out_dir=tmp_path / "Eval"))
-    again = evaluation.results_folder(argparse.Namespace(model_dir=tmp_path / "Runs" / "models",
+    again = evaluate.results_folder(argparse.Namespace(model_dir=tmp_path / "Runs" / "models",
                                                          out_dir=tmp_path / "Eval"))
     assert first == again == tmp_path / "Eval" / "models", "the same folder, not a second 'models-2'"
 
@@ -323,17 +329,17 @@ def test_an_overlay_on_an_input_spelled_otherwise_is_refused(tmp_path, case_inse
         Image.new("RGB", (4, 4)).save(path, format="PNG")
     case_insensitive(tmp_path)
     with pytest.raises(CutPasteError, match=r"a\.png\.overlay\.png, which is one of the inputs"):
-        prediction.overlay_paths(inputs, tmp_path / "photos")
+        overlays.overlay_paths(inputs, tmp_path / "photos")
 
 
 def test_overlays_of_inputs_on_several_drives_mirror_each_drive():
     same = [PureWindowsPath(r"C:\data\good\a.png"), PureWindowsPath(r"c:\DATA\bad\b.png")]
-    assert prediction.mirrored(same) == [PureWindowsPath(r"good\a.png"), PureWindowsPath(r"bad\b.png")]
+    assert overlays.mirrored(same) == [PureWindowsPath(r"good\a.png"), PureWindowsPath(r"bad\b.png")]
     with pytest.raises(ValueError):
         ntpath.commonpath([r"C:\data", r"D:\photos"])  # what os.path.commonpath does there
     drives = [PureWindowsPath(r"C:\data\a.png"), PureWindowsPath(r"D:\photos\a.png"),
               PureWindowsPath(r"\\server\share\a.png")]
-    assert prediction.mirrored(drives) == [PureWindowsPath(r"C\data\a.png"), PureWindowsPath(r"D\photos\a.png"),
+    assert overlays.mirrored(drives) == [PureWindowsPath(r"C\data\a.png"), PureWindowsPath(r"D\photos\a.png"),
                                          PureWindowsPath(r"servershare\a.png")]
 
 
@@ -396,8 +402,8 @@ def test_an_archive_member_on_another_drive_is_refused_not_a_traceback(tmp_path,
 
 def test_train_args_keep_windows_backslashes(monkeypatch):
     text = r'--data_dir C:\data\mvtec --log_dir "C:\my runs\logs"'
-    assert reproduction.split_args(text) == shlex.split(text), "POSIX rules here"
+    assert grid.split_args(text) == shlex.split(text), "POSIX rules here"
     with monkeypatch.context() as windows:
         windows.setattr(os, "name", "nt")
-        words = reproduction.split_args(text)
+        words = grid.split_args(text)
     assert words == ["--data_dir", r"C:\data\mvtec", "--log_dir", r"C:\my runs\logs"]

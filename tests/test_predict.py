@@ -10,12 +10,12 @@ from PIL import Image
 import dataset
 import density
 import predict
-from config.paper import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
-from support import prediction
-from support.detector import Detector
 import run_training
-from support.checkpoints import CHECKPOINT_FORMAT
-from support.errors import CutPasteError
+from common.errors import CutPasteError
+from common.paper import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
+from deploy import overlays, prediction
+from deploy.detector import Detector
+from storage.checkpoints import CHECKPOINT_FORMAT
 
 
 def train_lid(out: Path, mvtec_root: Path, *extra) -> Path:
@@ -123,8 +123,8 @@ def test_explicit_threshold_and_heatmap_overlay(tmp_path, lid_checkpoint, mvtec_
     labels = [r.label for r in det.predict(paths, middle)]
     assert labels.count("anomalous") == 2 and labels.count("normal") == 2
     image = dataset.load_image(paths[0], 32)
-    plain = prediction.overlay_image(image, "normal", 1.0, 2.0)
-    blended = prediction.overlay_image(image, "normal", 1.0, 2.0, torch.linspace(0, 1, 32).repeat(32, 1))
+    plain = overlays.overlay_image(image, "normal", 1.0, 2.0)
+    blended = overlays.overlay_image(image, "normal", 1.0, 2.0, torch.linspace(0, 1, 32).repeat(32, 1))
     assert plain.size == blended.size == (32, 32) and plain.tobytes() != blended.tobytes()
 
 
@@ -187,7 +187,7 @@ def test_patch_model_scores_by_its_map_and_calibrates_on_held_out_maxima(tmp_pat
     predict.main([str(mvtec_root / "lid" / "test"), "--checkpoint", str(patch_checkpoint), "--out",
                   str(tmp_path / "p.csv"), "--overlay_dir", str(tmp_path / "ov"), "--device", "cpu"])
     overlay = Image.open(tmp_path / "ov" / "good" / "000.png.overlay.png")
-    plain = prediction.overlay_image(dataset.load_image(paths[0], 48), "normal", 0.0, 1.0)
+    plain = overlays.overlay_image(dataset.load_image(paths[0], 48), "normal", 0.0, 1.0)
     assert overlay.size == (48, 48) and overlay.tobytes() != plain.tobytes(), "the heatmap is drawn"
     del ckpt["heldout_scores"]
     older = tmp_path / "older.tch"

@@ -16,9 +16,11 @@ from PIL import Image
 import dataset
 import eval as eval_script
 import run_training
-from support import checkpoints, evaluation, runstate, training
-from support.detector import Detector
-from support.errors import CutPasteError
+from common.errors import CutPasteError
+from deploy.detector import Detector
+from evaluation import evaluate
+from storage import checkpoints, files
+from training import loop, runstate
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE_LIMIT = 4 << 20  # bytes: the tables fit, a ResNet18 checkpoint (45 MB) does not
@@ -74,13 +76,13 @@ def test_a_filling_disk_ends_in_one_line_and_the_table(tmp_path, mvtec_root):
 
 
 def test_a_full_disk_at_the_results_table_prints_it_instead(tmp_path, mvtec_root, monkeypatch, capsys):
-    real = checkpoints.atomic_write
+    real = files.atomic_write
 
     def no_space(path, write, mode="wb"):
         if Path(path).name.startswith("train_results"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, write, mode)
-    monkeypatch.setattr(checkpoints, "atomic_write", no_space)
+    monkeypatch.setattr(files, "atomic_write", no_space)
     (path,) = train(tmp_path, mvtec_root, "--type", "cap")
     err = capsys.readouterr().err
     assert "could not write the results table" in err and "the table above is its only copy" in err
@@ -91,11 +93,11 @@ def test_a_full_disk_at_evals_tables_keeps_the_old_ones_and_prints_the_new(tmp_p
     row = {"category": "lid", "variant": "normal", "image_auroc": 87.5, "paper_image_auroc": float("nan"),
            "steps": 6, "size": 32, "density": "checkpoint", "checkpoint": "model-lid-x.tch", "patch_size": 0}
     out = tmp_path / "Eval" / "models"
-    evaluation.write_tables([row], out)
+    evaluate.write_tables([row], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(before) == ["results.csv", "results.md"] and b"87.5" in before["results.md"]
     with disk_fills_at(64):  # the temporary file stops at 64 bytes
-        frame = evaluation.write_tables([{**row, "image_auroc": 62.5}], out)
+        frame = evaluate.write_tables([{**row, "image_auroc": 62.5}], out)
     printed = capsys.readouterr()
     assert frame["image_auroc"].tolist() == [62.5, 62.5] and "62.5" in printed.out, "the new table is printed"
     assert f"could not write the results tables into {out}" in printed.err and "their only copy" in printed.err
@@ -125,17 +127,17 @@ def test_a_second_process_training_the_same_category_into_one_folder_is_refused(
 def test_run_names_are_claimed_so_one_second_never_gives_two_runs_one_name(tmp_path):
     args = run_training.get_args_parser().parse_args(["--model_dir", str(tmp_path / "m"),
                                                       "--log_dir", str(tmp_path / "l")])
-    assert training.claim_name(args, "model-cap-2026-12-01_10_00_00")
-    assert not training.claim_name(args, "model-cap-2026-12-01_10_00_00"), "a second claimant is refused"
+    assert loop.claim_name(args, "model-cap-2026-12-01_10_00_00")
+    assert not loop.claim_name(args, "model-cap-2026-12-01_10_00_00"), "a second claimant is refused"
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model-cap-x.tch").touch()
-    assert not training.claim_name(args, "model-cap-x"), "a finished checkpoint's name is taken"
+    assert not loop.claim_name(args, "model-cap-x"), "a finished checkpoint's name is taken"
 
 
 def test_unwritable_outputs_are_refused_before_any_work(tmp_path, mvtec_root, lid_model, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(training, "train_all", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(loop, "train_all", lambda *a: pytest.fail("training started"))
     for flag in ("--model_dir", "--log_dir"):
         argv = ["--data_dir", str(mvtec_root), "--model_dir", str(tmp_path / "models"),
                 "--log_dir", str(tmp_path / "logs"), *TINY]
@@ -200,7 +202,7 @@ def test_an_ensemble_that_mixes_settings_says_so(tmp_path, mvtec_root, lid_model
     for changed, named in (({"model": {"arch": "efficientnet_b0", "head_layer": 1}}, "arch efficientnet_b0, resnet18"),
                            ({"model": {"arch": "resnet18", "head_layer": 2}}, "head_layer 1, 2"),
                            ({"seed": 1}, None)):
-        evaluation.note_mixed("lid", [(Path("a.tch"), base), (Path("b.tch"), {**base, **changed})])
+        evaluate.note_mixed("lid", [(Path("a.tch"), base), (Path("b.tch"), {**base, **changed})])
         said = capsys.readouterr().out
         assert (f"note: the ensemble of lid mixes {named} (" in said) if named else said == "", "seeds alone: no note"
 
@@ -263,7 +265,7 @@ def test_each_setting_that_makes_a_run_is_compared_by_resume_and_skip(tmp_path, 
 
 def test_predict_checks_its_outputs_and_threshold_before_scoring(tmp_path, mvtec_root, lid_model, monkeypatch):
     import predict
-    from support import detector
+    from deploy import detector
     monkeypatch.setattr(detector.Detector, "load", lambda *a, **k: pytest.fail("scoring started"))
     images = str(mvtec_root / "lid" / "test")
     blocker = tmp_path / "a_file"
@@ -299,6 +301,6 @@ def test_nan_weights_are_refused_at_load(tmp_path, lid_model):
 
 
 def test_the_truth_from_folders_knows_every_layouts_clean_folder():
-    from support.prediction import folder_truth
+    from deploy.prediction import folder_truth
     assert [folder_truth(p) for p in ("a/test/good/1.png", "v/Data/Images/Normal/1.JPG", "a/test/crack/1.png",
                                       "v/Data/Images/Anomaly/1.JPG", "b/test_public/bad/1.png")] == [0, 0, 1, 1, 1]

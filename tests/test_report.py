@@ -17,10 +17,10 @@ import dataset
 import density
 import eval as eval_script
 import predict
-from support import report
-from support.detector import Detector
-from support.errors import CutPasteError
-from config.paper import DEFAULT_QUANTILE
+from common.errors import CutPasteError
+from common.paper import DEFAULT_QUANTILE
+from deploy.detector import Detector
+from evaluation import report
 
 BROWSERS = ("chromium-headless-shell", "chromium")
 # A link or source that a browser would fetch from the network: http(s)://, protocol-relative //, CSS imports.

@@ -5,10 +5,12 @@ import pandas as pd
 import pytest
 
 import reproduce
-from config.paper import PAPER_TABLE1
-from support import evaluation, reproduction, training
-from support import figures as drawing
-from support.errors import CutPasteError
+from common.errors import CutPasteError
+from common.paper import PAPER_TABLE1
+from evaluation import evaluate
+from reproduction import figures as drawing
+from reproduction import grid as grid_runs
+from training import loop
 
 TINY = ["--epochs", "3", "--size", "32", "--batch_size", "4", "--workers", "0", "--test_epochs", "2"]
 
@@ -30,7 +32,7 @@ def grid(tmp_path_factory, mvtec_root):
 def test_grid_csv_shape(grid):
     out, frame = grid
     table = pd.read_csv(out / "runs" / "results.csv", dtype={"seed": str})
-    assert list(table.columns[:7]) == list(reproduction.KEY)
+    assert list(table.columns[:7]) == list(grid_runs.KEY)
     assert len(table) == 3 and sorted(table["seed"]) == ["0", "0+1", "1"]
     assert set(table["backbone"]) == {"resnet18"} and not table["pretrained"].any()
     assert set(table["steps"]) == {3} and set(table["size"]) == {32}
@@ -59,9 +61,9 @@ def test_finished_grid_is_skipped(grid, mvtec_root, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("nothing should run again")
 
-    monkeypatch.setattr(training, "run", boom)
-    monkeypatch.setattr(evaluation, "evaluate_category", boom)
-    monkeypatch.setattr(evaluation, "evaluate_ensemble", boom)
+    monkeypatch.setattr(loop, "run", boom)
+    monkeypatch.setattr(evaluate, "evaluate_category", boom)
+    monkeypatch.setattr(evaluate, "evaluate_ensemble", boom)
     reproduce.main(grid_argv(out / "runs", mvtec_root, "--seeds", "0,1", "--ensemble"))
     assert (out / "runs" / "results.csv").read_text() == before
 
@@ -72,7 +74,7 @@ def test_missing_row_is_evaluated_without_retraining(grid, mvtec_root, tmp_path,
     shutil.copytree(out / "runs", runs)
     table = pd.read_csv(runs / "results.csv", dtype={"seed": str})
     table[table["seed"] != "1"].to_csv(runs / "results.csv", index=False)
-    monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("retrained a finished model"))
+    monkeypatch.setattr(loop, "run", lambda *a, **k: pytest.fail("retrained a finished model"))
     frame = reproduce.main(grid_argv(runs, mvtec_root, "--seeds", "0,1"))
     assert sorted(frame["seed"]) == ["0", "0+1", "1"]
 
@@ -123,17 +125,17 @@ def test_each_run_gets_the_arguments_of_its_command_line(tmp_path):
     args = reproduce.resolve_args(reproduce.get_args_parser().parse_args(
         ["--preset", "demo", "--out_dir", str(tmp_path), "--lr", "0.01", "--workers", "0", "--density", "torch",
          "--train_args", "--log_every 8 --freeze_resnet 3", "--eval_args", "--stride 8"]))
-    name = reproduction.run_name(args, "scar", 2)
+    name = grid_runs.run_name(args, "scar", 2)
     command = ["--data_dir", "demo_data", "--type", "lid", "--model_dir", str(tmp_path / "models" / name),
                "--log_dir", str(tmp_path / "logdirs" / name), "--variant", "scar", "--seed", "2", "--no-pretrained",
                "--epochs", "300", "--size", "64", "--test_epochs", "25", "--lr", "0.01", "--workers", "0",
                "--log_every", "8", "--freeze_resnet", "3"]
-    assert reproduction.train_args(args, "scar", 2, ["lid"]) == run_training.get_args_parser().parse_args(command)
+    assert grid_runs.train_args(args, "scar", 2, ["lid"]) == run_training.get_args_parser().parse_args(command)
     expected = eval_script.get_args_parser().parse_args(
         ["--data_dir", "demo_data", "--type", "lid", "--model_dir", str(tmp_path / name), "--out_dir",
          str(tmp_path / "eval"), "--density", "torch", "--save_plots", "0", "--workers", "0", "--head_layer", "1",
          "--stride", "8"])
-    assert reproduction.eval_args(args, tmp_path / name) == expected
+    assert grid_runs.eval_args(args, tmp_path / name) == expected
 
 
 def test_a_full_disk_at_the_figures_table_keeps_the_old_one_and_prints_the_new(tmp_path, disk_fills_at, capsys):

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
-from support.runtime import make_generator
-from support import checkpoints as engine
-from support.checkpoints import weights_cache_path
-from support import records, runstate, training
 import run_training
-from support.errors import CutPasteError
+from common.errors import CutPasteError
+from storage import checkpoints as engine
+from storage import files
+from training import loop, records, runstate
+from training.devices import make_generator
+from training.pretrained import weights_cache_path
 
 # On the CPU, whatever the machine has: resumed runs are compared bit for bit.
 TINY = ["--size", "32", "--epochs", "6", "--batch_size", "4", "--log_every", "2", "--workers", "0",
@@ -40,15 +41,15 @@ def offline_imagenet(tmp_path, monkeypatch):
 
 
 def fail_at_call(monkeypatch, n, action):
-    """Make training.train_step run `action` just before its n-th call (1-based); return the real one."""
-    real, calls = training.train_step, []
+    """Make loop.train_step run `action` just before its n-th call (1-based); return the real one."""
+    real, calls = loop.train_step, []
 
     def step(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
             action()
         return real(*args, **kwargs)
-    monkeypatch.setattr(training, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
     return real
 
 
@@ -77,7 +78,7 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, mvtec_root, monkey
         train(tmp_path / "b", mvtec_root, *extra)
     state = torch.load(runstate.state_path(tmp_path / "b" / "models", "lid"), weights_only=True)
     assert state["step"] == 2 and not list((tmp_path / "b" / "models").glob("*.tch"))
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     (resumed,) = train(tmp_path / "b", mvtec_root, *extra, "--resume")
     assert resumed.name.startswith(state["run_name"])
     same_checkpoints(reference, resumed)
@@ -161,7 +162,7 @@ def test_failed_category_keeps_the_others_and_finished_ones_are_skipped(tmp_path
 
 def make_state(args, device=torch.device("cpu")):
     model = engine.build_model(args.head_layer, 2)
-    opt, sched = training.make_optimizer(model, args, args.epochs)
+    opt, sched = loop.make_optimizer(model, args, args.epochs)
     return runstate.capture(3, "model-lid-x", "lid", args, model, opt, sched, make_generator(device, 0),
                             device), model, opt, sched
 
@@ -210,13 +211,13 @@ def test_full_disk_at_the_final_checkpoint_keeps_the_trained_state(tmp_path, mvt
 
     def disk_full(ckpt, path):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(engine, "atomic_save", disk_full)
+    monkeypatch.setattr(files, "atomic_save", disk_full)
     with pytest.raises(CutPasteError, match=r"could not write checkpoint .*No space left.*rerun with --resume"):
         train(tmp_path, mvtec_root, *extra)
     state_file = runstate.state_path(tmp_path / "models", "cap")
     assert torch.load(state_file, weights_only=True)["step"] == 2
     monkeypatch.undo()
-    monkeypatch.setattr(training, "train_step", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: pytest.fail("trained again"))
     (path,) = train(tmp_path, mvtec_root, *extra, "--resume")
     assert engine.read_checkpoint(path)["steps"] == 2 and not state_file.exists()
 

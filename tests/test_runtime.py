@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
-from support import runtime
+from training import devices
 
 
 def settings(amp=None, channels_last=None):
@@ -19,36 +18,36 @@ def settings(amp=None, channels_last=None):
 def test_auto_follows_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(runtime, "bf16_supported", lambda device, native=native: native)
+        monkeypatch.setattr(devices, "bf16_supported", lambda device, native=native: native)
         args = settings()
-        runtime.choose(args, cpu)
+        devices.choose(args, cpu)
         assert (args.amp, args.channels_last) == (native, native), "float32 on a CPU runs in plain NCHW"
 
 
 def test_explicit_flags_win(monkeypatch):
-    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(devices, "bf16_supported", lambda device: True)
     args = settings(amp=False, channels_last=True)
-    runtime.choose(args, torch.device("cpu"))
+    devices.choose(args, torch.device("cpu"))
     assert (args.amp, args.channels_last) == (False, True)
 
 
 def test_bf16_can_be_forced_off(monkeypatch):
-    monkeypatch.setenv(runtime.NO_BF16_ENV, "1")
-    assert runtime.bf16_supported(torch.device("cpu")) is False
+    monkeypatch.setenv(devices.NO_BF16_ENV, "1")
+    assert devices.bf16_supported(torch.device("cpu")) is False
     args = settings()
-    runtime.choose(args, torch.device("cpu"))
+    devices.choose(args, torch.device("cpu"))
     assert (args.amp, args.channels_last) == (False, False)
 
 
 def test_start_up_line_names_the_settings():
-    line = runtime.describe(torch.device("cpu"), False, False)
+    line = devices.describe(torch.device("cpu"), False, False)
     assert line.startswith("cpu (") and "threads" in line and line.endswith("float32, NCHW")
-    assert runtime.describe(torch.device("cpu"), True, True).endswith("bf16 autocast, channels-last")
+    assert devices.describe(torch.device("cpu"), True, True).endswith("bf16 autocast, channels-last")
 
 
 _RSS_KEPT_SCRIPT = """
 import os, torch
-from support import runtime
+from training import devices
 def kept_after_free():
     page = os.sysconf("SC_PAGE_SIZE")
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
@@ -56,7 +55,7 @@ def kept_after_free():
     x = torch.ones(64 << 20, dtype=torch.uint8)
     del x
     return rss() - before
-print(kept_after_free() < 16 << 20, runtime.keep_freed_memory(), kept_after_free() > 48 << 20)
+print(kept_after_free() < 16 << 20, devices.keep_freed_memory(), kept_after_free() > 48 << 20)
 """
 
 

@@ -1,14 +1,16 @@
-"""The scoring graph (support/scorer.py) and how it runs (support/inference.py): the Scorer computes the paper's
+"""The scoring graph (scoring/scorer.py) and how it runs (scoring/inference.py): the Scorer computes the paper's
 scores, every runtime gives the eager float32 scores within 1e-4 and the same decisions, and auto picks as
 documented."""
 import pytest
 import torch
 
 import density
-from support import checkpoints, inference, patches
-from support.errors import CutPasteError
-from support.runtime import bf16_supported, embed_images
-from support.scorer import Scorer, cell_slots
+from common.errors import CutPasteError
+from localization import patches
+from scoring import inference
+from scoring.scorer import Scorer, cell_slots
+from storage import checkpoints
+from training.devices import bf16_supported, embed_images
 
 CPU = torch.device("cpu")
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from support import checkpoints as engine, metrics
+from evaluation import metrics
+from storage import checkpoints as engine
 import demo
 import eval as eval_script
 import run_training
-from support.errors import CutPasteError
+from common.errors import CutPasteError
 
 ROOT = Path(__file__).resolve().parents[1]
 # On the CPU, whatever the machine has: trainings and scores are compared bit for bit or to float32 rounding.

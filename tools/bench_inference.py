@@ -1,4 +1,4 @@
-"""Inference speed of the Scorer (support/scorer.py) per runtime and memory format, in one run on the same images:
+"""Inference speed of the Scorer (scoring/scorer.py) per runtime and memory format, in one run on the same images:
 images/s at --size (batch --batch) and at the dense maps' patch size (batch --patch_batch), seconds per image of a
 dense map at --stride (--patch_density Gaussians; section 4.2), and, with --model_dir, the `python eval.py` command's
 wall time. Timing does not depend on the weights: an untrained ResNet18 and random Gaussians are used.
@@ -20,11 +20,14 @@ import torch  # noqa: E402
 
 import density as density_lib  # noqa: E402
 from benchmark import cpuinfo, publish  # noqa: E402
-from config import paper  # noqa: E402
-from support import checkpoints, inference, options, patches  # noqa: E402
-from support.errors import run_main  # noqa: E402
-from support.runtime import bf16_supported, resolve_device, synchronizer  # noqa: E402
-from support.scorer import Scorer  # noqa: E402
+from common import paper  # noqa: E402
+from cli import options  # noqa: E402
+from localization import patches
+from scoring import inference
+from storage import checkpoints
+from common.errors import run_main  # noqa: E402
+from training.devices import bf16_supported, resolve_device, synchronizer  # noqa: E402
+from scoring.scorer import Scorer  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

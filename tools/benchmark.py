@@ -27,10 +27,13 @@ from torchvision.transforms import v2 as T  # noqa: E402
 
 import dataset  # noqa: E402
 import density  # noqa: E402
-from config.paper import PAPER_BATCH_SIZE, PAPER_SIZE, VARIANTS  # noqa: E402
+from common.paper import PAPER_BATCH_SIZE, PAPER_SIZE, VARIANTS  # noqa: E402
 from cutpaste import COLOR_JITTER, CUTPASTE_AREA_RATIO, CUTPASTE_ASPECT_RATIO, VARIANT_CLASSES  # noqa: E402
-from support import checkpoints, evaluation, options, runtime, training  # noqa: E402
-from support.errors import CutPasteError, run_main  # noqa: E402
+from cli import options  # noqa: E402
+from evaluation import evaluate
+from storage import checkpoints
+from training import devices, loop
+from common.errors import CutPasteError, run_main  # noqa: E402
 
 # The earlier reimplementation's DataLoader: 8 workers (its --workers default), 5 batches prefetched per worker.
 REFERENCE_WORKERS = 8
@@ -58,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def timed_in_turn(fns, device, steps: int, warmup: int) -> list[float]:
     """Median seconds per call of each fn, called in turn so that a change of machine load hits all alike."""
-    sync = runtime.synchronizer(device)
+    sync = devices.synchronizer(device)
     times = [[] for _ in fns]
     for call in range(warmup + steps):
         for fn, out in zip(fns, times):
@@ -74,19 +77,19 @@ def timed_in_turn(fns, device, steps: int, warmup: int) -> list[float]:
 def make_step(t, device, amp: bool, channels_last: bool, compiled: bool = False):
     """step(x, y): run_training.py's optimizer step on a fresh model, with these settings."""
     torch.manual_seed(t.seed)
-    fmt = runtime.memory_format(channels_last)
+    fmt = devices.memory_format(channels_last)
     model = checkpoints.build_model(t.head_layer, VARIANT_CLASSES[t.variant], t.arch).to(device, memory_format=fmt)
     stepped = torch.compile(model) if compiled else model
-    opt, sched = training.make_optimizer(model, t, 10 ** 6)
-    return lambda x, y: training.train_step(stepped, opt, sched, x.contiguous(memory_format=fmt), y, device, amp)
+    opt, sched = loop.make_optimizer(model, t, 10 ** 6)
+    return lambda x, y: loop.train_step(stepped, opt, sched, x.contiguous(memory_format=fmt), y, device, amp)
 
 
 def bench_ours(args, t, images, device) -> dict:
-    """Ours: augmentation; the model step as runtime.choose sets it, in fp32 NCHW and (--compile) compiled; end to
+    """Ours: augmentation; the model step as devices.choose sets it, in fp32 NCHW and (--compile) compiled; end to
     end; the step's FLOP/s."""
-    batch = training.batch_source(t, images, runtime.make_generator(device, 0), device)
+    batch = loop.batch_source(t, images, devices.make_generator(device, 0), device)
     x, y = batch()
-    x_fmt = x.contiguous(memory_format=runtime.memory_format(t.channels_last))
+    x_fmt = x.contiguous(memory_format=devices.memory_format(t.channels_last))
     step, plain = make_step(t, device, t.amp, t.channels_last), make_step(t, device, False, False)
     # once, outside the timing; neither bf16 nor a memory format changes what it counts
     with FlopCounterMode(display=False) as counter:
@@ -173,8 +176,8 @@ def bench_eval(args, t, images, device) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t = argparse.Namespace(**{**vars(t), "model_dir": Path(tmp) / "models"})
         torch.manual_seed(t.seed)  # untrained weights: evaluation takes as long whatever they are
-        run = training.Run(t, args.type, "model-benchmark", device, training.prepare_model(t, device), *[None] * 3)
-        training.finish_category(run, images)
+        run = loop.Run(t, args.type, "model-benchmark", device, loop.prepare_model(t, device), *[None] * 3)
+        loop.finish_category(run, images)
         flags = ["--data_dir", str(args.data_dir), "--type", args.type, "--layout", args.layout,
                  "--model_dir", str(t.model_dir), "--out_dir", str(Path(tmp) / "Eval"), "--device", str(device),
                  "--workers", str(args.workers), "--amp" if t.amp else "--no-amp",
@@ -183,7 +186,7 @@ def bench_eval(args, t, images, device) -> dict:
         same = {"data_dir": args.data_dir, "type": args.type, "layout": args.layout, "model_dir": t.model_dir,
                 "out_dir": Path(tmp) / "Eval", "device": str(device), "workers": args.workers, "amp": t.amp,
                 "channels_last": t.channels_last, "save_plots": 0}
-        fns = {"ours: eval in-process s": lambda: evaluation.run(options.eval_args(**same)),
+        fns = {"ours: eval in-process s": lambda: evaluate.run(options.eval_args(**same)),
                "ours: eval command s (python eval.py, plots on)":
                    lambda: run_command([sys.executable, str(ROOT / "eval.py"), *flags])}
         if args.reference:
@@ -246,8 +249,8 @@ def machine_peak() -> tuple[float, str]:
 
 
 def report(args, device, rows: dict) -> str:
-    cpu, bf16 = cpuinfo().get("model name", "unknown CPU"), "yes" if runtime.bf16_supported(device) else "no"
-    lines = [f"# Benchmark: ours on {runtime.describe(device, args.amp, args.channels_last)}", "",
+    cpu, bf16 = cpuinfo().get("model name", "unknown CPU"), "yes" if devices.bf16_supported(device) else "no"
+    lines = [f"# Benchmark: ours on {devices.describe(device, args.amp, args.channels_last)}", "",
              f"Machine: {cpu}, CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 native on {device}: "
              f"{bf16}, {torch.get_num_threads()} threads, torch {torch.__version__}", "",
              f"size {args.size}, variant {args.variant}, batch_size {args.batch_size} clean images per step; "
@@ -263,9 +266,9 @@ def report(args, device, rows: dict) -> str:
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     args.warmup = max(1, args.warmup)  # so that compiling and first-call set-up are never timed
-    device = runtime.resolve_device(args.device, args.cuda)
+    device = devices.resolve_device(args.device, args.cuda)
     keep, args.keep_freed_memory = args.keep_freed_memory, False  # set after the reference has run (below)
-    runtime.choose(args, device)
+    devices.choose(args, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     # run_training.py's optimizer, head and seed, with the benchmark's data and runtime settings.
     t = options.training_args(pretrained=False, **{name: getattr(args, name) for name in (
@@ -277,7 +280,7 @@ def main(argv=None) -> dict:
     # The reference trains first, with the C library's default allocator as the earlier code; the setting is global.
     ref = 2 * args.batch_size / bench_reference(args, t, images, device) if args.reference else None
     if device.type == "cpu" and keep:
-        runtime.keep_freed_memory()
+        devices.keep_freed_memory()
     rows = bench_ours(args, t, images, device)
     if ref is not None:
         rows["reference: end-to-end img/s"] = ref

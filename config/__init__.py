@@ -1,1 +1,0 @@
-"""Settings without code: the paper's values and this project's defaults, importable without torch."""
