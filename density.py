@@ -8,7 +8,6 @@ standardisation, and the patch Gaussians of localization (section 4.2, appendix 
 """
 import torch
 import torch.nn.functional as F
-from sklearn.covariance import LedoitWolf
 
 from common.errors import CutPasteError
 
@@ -101,6 +100,7 @@ class GaussianDensitySklearn:
     def fit(self, embeds: torch.Tensor) -> "GaussianDensitySklearn":
         if not bool((embeds != embeds[:1]).any()):
             raise CutPasteError(no_spread_message(len(embeds)))
+        from sklearn.covariance import LedoitWolf  # loads scikit-learn's estimators only for --density sklearn
         self.model = LedoitWolf().fit(embeds.detach().cpu().double().numpy())
         return self
 

@@ -44,7 +44,7 @@ def metadata(ckpt: dict, path: Path, scorer: Scorer) -> dict:
 def write_onnx(net: nn.Module, meta: dict, out: Path) -> None:
     """The Scorer's ONNX graph (inference.onnx_graph), metadata in metadata_props."""
     import onnx
-    graph = inference.onnx_graph(net, meta["size"], ["score", "map"] if meta["patch_size"] else ["score"])
+    graph = inference.onnx_graph(net)
     onnx.helper.set_model_props(graph, {META_KEY: json.dumps(meta)})
     files.atomic_write(out, lambda fh: fh.write(graph.SerializeToString()))
 

@@ -21,7 +21,7 @@ from localization import gradcam
 from scoring import inference
 from scoring.scorer import Scorer, fit_scorer
 from storage import checkpoints, files
-from training.devices import embed_images, keep_freed_memory, resolve_device
+from training.devices import keep_freed_memory, resolve_device
 
 # Localization columns of the results tables (present when a category was localized) and their titles.
 PIXEL_COLUMNS = {"pixel_auroc": "pixel AUROC (%)", "pro": "PRO (%)",
@@ -73,10 +73,11 @@ def save_plots(out: Path, category: str, test_set, scores: np.ndarray, auroc: fl
                         out / "tsne.png")
 
 
-def inference_settings(args, ckpt: dict, device: torch.device) -> inference.Settings:
-    """How this checkpoint's Scorer runs here: --runtime, --amp and --channels_last, or inference.choose's defaults."""
+def inference_settings(args, ckpt: dict, device: torch.device, dense: bool) -> inference.Settings:
+    """How this checkpoint's Scorer runs here: --runtime, --amp and --channels_last, or inference.choose's defaults
+    (an exported runtime pays for `dense` maps, not for one pass of whole images over the test set)."""
     return inference.choose(device, args.runtime, args.amp, args.channels_last, ckpt["model"].get("arch", "resnet18"),
-                            bool(ckpt["config"].get("amp", False)))
+                            bool(ckpt["config"].get("amp", False)), export_pays=dense)
 
 
 def image_scorer(args, ckpt: dict, path: Path, train_u8: torch.Tensor | None, settings) -> tuple[Scorer, torch.Tensor]:
@@ -97,22 +98,22 @@ def evaluate_category(args, category: str, path: Path, ckpt: dict, device: torch
     """Image scores: Mahalanobis distances, or for a patch-level model its anomaly maps' maxima (section 4.2)."""
     size, patch_size = ckpt["size"], ckpt.get("patch_size", 0)
     mode = resolve_mode(args.localization, patch_size, path)
-    settings = inference_settings(args, ckpt, device)
+    settings = inference_settings(args, ckpt, device, dense=bool(patch_size))
     test_set = dataset.MVTecTest(args.data_dir, category, size, args.workers, args.layout)
     needs_train = mode == "dense" or args.density != CHECKPOINT_DENSITY
     train_u8 = (dataset.MVTecTrain(args.data_dir, category, size, args.workers, args.layout).images
                 if needs_train else None)
     scorer, patch_density = category_scorer(args, category, ckpt, path, train_u8, settings)
     print(f"{category}: scoring with {settings.describe()}")
-    scores, own_maps = inference.runner(scorer, settings, progress=scorer.maps)(test_set.images)
-    maps = Maps(own_maps, "dense", patch_density) if scorer.maps else \
+    scores, second = inference.runner(scorer, settings, progress=scorer.maps).outputs(test_set.images)
+    maps = Maps(second, "dense", patch_density) if scorer.maps else \
         anomaly_maps(mode, category, ckpt, path, scorer, train_u8, test_set.images, args, settings)
     scores = scores.numpy()
     auroc = metrics.image_auroc(test_set.labels, scores)
     print(f"{category} AUC: {auroc}")
     out = results_folder(args) / category
     if args.save_plots:
-        test_emb = None if scorer.maps else test_embeddings(scorer, test_set.images, settings)
+        test_emb = None if scorer.maps else second.numpy()  # an image-level graph's embeddings, for t-SNE
         save_plots(out, category, test_set, scores, auroc, test_emb)
     if args.report:
         html_report.save_category(out, test_set, scores, None if maps is None else maps.maps,
@@ -132,13 +133,6 @@ def category_scorer(args, category: str, ckpt: dict, path: Path, train_u8, setti
     if ckpt.get("patch_size", 0):
         return dense_scorer(args, category, ckpt, path, train_u8, settings)
     return image_scorer(args, ckpt, path, train_u8, settings)[0], ""
-
-
-def test_embeddings(scorer: Scorer, images_u8: torch.Tensor, settings) -> np.ndarray:
-    """(N, D) embeddings of the test images for the t-SNE plot."""
-    eager = embedding_settings(settings)
-    return embed_images(scorer.model.to(eager.device), images_u8, eager.device, eager.amp,
-                        eager.channels_last).cpu().numpy()
 
 
 def _pct(value: float) -> str:
@@ -174,7 +168,7 @@ def member_scores(args, category: str, path: Path, ckpt: dict, data: dict, devic
         train = dataset.MVTecTrain(args.data_dir, category, size, args.workers, args.layout).images if refit else None
         data[size] = (train, dataset.MVTecTest(args.data_dir, category, size, args.workers, args.layout))
     train_u8, test_set = data[size]
-    settings = inference_settings(args, ckpt, device)
+    settings = inference_settings(args, ckpt, device, dense=False)
     scorer, train_scores = image_scorer(args, ckpt, path, train_u8, settings)
     return train_scores, inference.runner(scorer, settings)(test_set.images)[0], test_set
 
@@ -305,7 +299,8 @@ def anomaly_maps(mode: str, category: str, ckpt: dict, path: Path, scorer: Score
     if mode != "dense":
         return None
     dense, patch_density = dense_scorer(args, category, ckpt, path, train_u8, settings)
-    return Maps(inference.runner(dense, settings, progress=True)(test_u8)[1], mode, patch_density)
+    dense_settings = inference_settings(args, ckpt, settings.device, dense=True)
+    return Maps(inference.runner(dense, dense_settings, progress=True)(test_u8)[1], mode, patch_density)
 
 
 def dense_scorer(args, category: str, ckpt: dict, path: Path, train_u8, settings) -> tuple[Scorer, str]:

@@ -2,8 +2,10 @@
 
 Inference chooses apart from training. A model trained in bf16 is scored in bf16 where the device runs it natively,
 so that its scores match the Gaussian and the threshold fitted on bf16 embeddings. Otherwise, on a CPU, the Scorer's
-ONNX graph runs under ONNX Runtime in float32 where the backbone exports; elsewhere eager PyTorch with channels-last
-weights. The flags (--runtime, --amp, --channels_last) override each choice; the start-up line names what runs.
+ONNX graph runs under ONNX Runtime in float32 where the backbone exports and the work repays the export of the graph
+(a few seconds): dense maps, and the Detector, which scores streams of new images; eval.py's one pass over a test
+set runs eager. Eager runs channels-last. The flags (--runtime, --amp, --channels_last) override each choice; the
+start-up line names what runs. doc/performance.md has the measurements behind these choices.
 """
 import tempfile
 from dataclasses import dataclass
@@ -44,17 +46,17 @@ class Settings:
 
 
 def choose(device: torch.device, runtime: str = "auto", amp: bool | None = None, channels_last: bool | None = None,
-           arch: str = "resnet18", trained_amp: bool = False) -> Settings:
-    """Inference's settings for `device` and a model of `arch` trained with bf16 autocast or not; None and 'auto'
-    choose (module docstring), given values win. An exported runtime with --amp, or on another device than the CPU,
-    is refused with the fix."""
+           arch: str = "resnet18", trained_amp: bool = False, export_pays: bool = True) -> Settings:
+    """Inference's settings for `device` and a model of `arch` trained with bf16 autocast or not, for work that
+    repays an export or not; None and 'auto' choose (module docstring), given values win. An exported runtime with
+    --amp, or on another device than the CPU, is refused with the fix."""
     if runtime not in RUNTIMES:
         raise CutPasteError(f"unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if amp is None and runtime in ("auto", "eager"):
         amp = trained_amp and bf16_supported(device)
     if runtime == "auto":
-        eager = device.type != "cpu" or amp or channels_last is not None or not exportable(arch) \
-            or not _importable("onnxruntime")
+        eager = not export_pays or device.type != "cpu" or amp or channels_last is not None \
+            or not exportable(arch) or not _importable("onnxruntime")
         runtime = "eager" if eager else "onnxruntime"
     if runtime != "eager":
         if device.type != "cpu" or amp:
@@ -79,11 +81,11 @@ def example_batch(size: int, n: int = 2) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def onnx_graph(scorer: torch.nn.Module, size: int, output_names: list[str]):
+def onnx_graph(scorer):
     """The Scorer as an ONNX ModelProto (torch.export-based exporter), batch dimension dynamic."""
     batch = {"images": {0: torch.export.Dim("batch", min=1)}}
-    program = torch.onnx.export(scorer, (example_batch(size),), dynamo=True, input_names=["images"],
-                                output_names=output_names, dynamic_shapes=batch, opset_version=ONNX_OPSET,
+    program = torch.onnx.export(scorer, (example_batch(scorer.size),), dynamo=True, input_names=["images"],
+                                output_names=scorer.output_names, dynamic_shapes=batch, opset_version=ONNX_OPSET,
                                 verbose=False)
     return program.model_proto
 
@@ -122,13 +124,15 @@ class SessionRunner:
     def _call(self, batch: torch.Tensor) -> list[torch.Tensor]:
         return [torch.from_numpy(np.asarray(out)) for out in self.session(batch.numpy())]
 
-    def __call__(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def outputs(self, images_u8: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of the graph for the images, batch by batch, joined: [scores, maps or embeddings]."""
         outs = [self._call(part) for part in tqdm(images_u8.split(self.batch), desc="score", leave=False,
                                                    dynamic_ncols=True, disable=not self.progress)]
-        if not outs:
-            return torch.empty(0), None
-        joined = [torch.cat(parts).float() for parts in zip(*outs)]
-        return joined[0], joined[1] if self.maps else None
+        return [torch.cat(parts).float() for parts in zip(*outs)]
+
+    def __call__(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        joined = self.outputs(images_u8) if len(images_u8) else [torch.empty(0)]
+        return joined[0], joined[1] if self.maps and len(joined) > 1 else None
 
 
 class EagerRunner(SessionRunner):
@@ -149,8 +153,7 @@ def runner(scorer, settings: Settings, batch: int = 0, progress: bool = False) -
     batch = batch or (max(1, PATCH_BATCH // scorer.side ** 2) if scorer.maps else IMAGE_BATCH)
     if settings.runtime == "eager":
         return EagerRunner(scorer, settings, batch, progress)
-    names = ["score", "map"] if scorer.maps else ["score"]
     scorer.patch_batch = 0  # one pass per call, which a dynamic batch needs; `batch` bounds the memory
-    proto = onnx_graph(scorer.prepare(torch.device("cpu"), False).eval(), scorer.size, names)
+    proto = onnx_graph(scorer.prepare(torch.device("cpu"), False).eval())
     opener = onnxruntime_session if settings.runtime == "onnxruntime" else openvino_session
     return SessionRunner(opener(proto.SerializeToString()), scorer.maps, batch, progress)

@@ -37,8 +37,8 @@ def cell_slots(cell_of: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.T
 
 
 class Scorer(nn.Module):
-    """uint8 images (N, 3, S, S) -> (scores (N,),) for an image-level model, (scores (N,), maps (N, S, S)) for a
-    patch-level one. mean (C, D) and precision (C, D, D) hold C Gaussians of L2-normalised embeddings; cell_of (P,)
+    """uint8 images (N, 3, S, S) -> (scores (N,), L2-normalised embeddings (N, D)) for an image-level model,
+    (scores (N,), maps (N, S, S)) for a patch-level one. mean (C, D) and precision (C, D, D) hold C Gaussians of L2-normalised embeddings; cell_of (P,)
     names each grid position's Gaussian (all 0 when C is 1). `patch_batch` > 0 embeds the patches in chunks of that
     many (eager runs, to bound memory); exports use 0 (one pass)."""
 
@@ -87,10 +87,15 @@ class Scorer(nn.Module):
         self.channels_last = channels_last
         return self.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
+    @property
+    def output_names(self) -> list[str]:
+        return ["score", "map"] if self.maps else ["score", "embedding"]
+
     def forward(self, images: torch.Tensor):
-        dist = self.distances(self.embed(images))
+        embeds = self.embed(images)
+        dist = self.distances(embeds)
         if not self.maps:
-            return (dist[:, 0],)
+            return dist[:, 0], embeds[:, 0]
         maps = self.upsample(dist.view(-1, self.side, self.side))
         return maps.amax(dim=(1, 2)), maps
 

@@ -36,7 +36,8 @@ def test_image_scorer_is_the_mahalanobis_distance_of_the_normalised_embedding():
     model, images = _model(), _images(6, 32)
     embeds = density.normalize(embed_images(model, images, CPU, False, False))
     gaussian = density.GaussianDensityTorch().fit(torch.cat([embeds, embeds.flip(1)]))
-    (scores,) = Scorer(model, gaussian.mean, gaussian.precision, 32)(images)
+    scores, embedded = Scorer(model, gaussian.mean, gaussian.precision, 32)(images)
+    assert torch.allclose(embedded, embeds, atol=1e-5), "the graph's second output: the normalised embeddings"
     diff = (embeds - gaussian.mean).double()
     expect = torch.einsum("nd,de,ne->n", diff, gaussian.precision.double(), diff).sqrt()
     assert torch.allclose(scores.double(), expect, rtol=1e-4)
@@ -82,6 +83,7 @@ def test_auto_chooses_by_device_backbone_and_flags():
     auto = inference.choose(CPU)
     assert auto.runtime == "onnxruntime" and not auto.amp and "onnxruntime" in auto.describe()
     assert inference.choose(CPU, arch="vit_b_16").runtime == "eager", "a backbone that does not export runs eager"
+    assert inference.choose(CPU, export_pays=False).runtime == "eager", "work too short to repay the export"
     eager = inference.choose(CPU, channels_last=False)
     assert eager.runtime == "eager" and not eager.channels_last, "a memory format asked for means eager"
     assert inference.choose(CPU, amp=True).amp and inference.choose(CPU, "eager").channels_last
