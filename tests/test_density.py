@@ -29,8 +29,9 @@ def test_torch_and_sklearn_rank_alike(n):
     s_torch = density.make_density("torch").fit(train).score(test)
     s_sk = density.make_density("sklearn").fit(train).score(test)
     assert torch.isfinite(s_torch).all()
-    assert torch.equal(torch.argsort(s_torch), torch.argsort(s_sk))
-    assert torch.allclose(s_torch, s_sk, rtol=1e-3)
+    # The same scores to float32's rounding (about 1e-7 here), so the same ranks but at near ties, which an exact
+    # comparison of the orders would hang on.
+    assert torch.allclose(s_torch, s_sk, rtol=1e-5)
 
 
 def test_outliers_score_higher_and_state_round_trip():
