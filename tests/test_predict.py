@@ -26,7 +26,7 @@ def train_lid(out: Path, mvtec_root: Path, *extra) -> Path:
 
 
 def test_detector_scores_paths_pil_and_tensors_alike(lid_checkpoint, mvtec_root):
-    det = Detector.load(lid_checkpoint, device="cpu")
+    det = Detector.load(lid_checkpoint, device="cpu", runtime="eager")
     paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")]
     scores = det.score(paths)
     assert scores.shape == (len(paths),) and torch.isfinite(scores).all()
@@ -39,7 +39,7 @@ def test_detector_scores_paths_pil_and_tensors_alike(lid_checkpoint, mvtec_root)
 
 
 def test_threshold_is_a_quantile_of_held_out_clean_scores(lid_checkpoint):
-    det = Detector.load(lid_checkpoint, device="cpu")
+    det = Detector.load(lid_checkpoint, device="cpu", runtime="eager")
     ckpt = torch.load(lid_checkpoint, weights_only=True)
     assert det.calibration_source.startswith("held-out") and ckpt["heldout_scores"].shape == (16,)
     ordered = ckpt["heldout_scores"].double().sort().values
@@ -54,7 +54,7 @@ def test_older_checkpoint_without_held_out_scores_falls_back_to_in_sample(tmp_pa
     del ckpt["heldout_scores"]
     older = tmp_path / "older.tch"
     torch.save(ckpt, older)
-    det = Detector.load(older, device="cpu")
+    det = Detector.load(older, device="cpu", runtime="eager")
     assert det.calibration_source.startswith("in-sample")
     assert det.threshold(1.0) == pytest.approx(float(ckpt["train_scores"].max()))
 
@@ -106,7 +106,7 @@ def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_che
     scored = frame[frame["label"] != "error"].astype({"score": float})
     assert len(scored) == n_test
     assert ((scored["score"] > scored["threshold"]) == (scored["label"] == "anomalous")).all()
-    det = Detector.load(lid_checkpoint, device="cpu")
+    det = Detector.load(lid_checkpoint, device="cpu", runtime="eager")
     assert scored["threshold"].iloc[0] == pytest.approx(det.threshold(DEFAULT_QUANTILE))
     printed = capsys.readouterr()
     assert "zz_truncated.png" in printed.err and "accuracy: " in printed.out
@@ -118,7 +118,7 @@ def test_cli_scores_folders_and_globs_reports_unreadable_files(tmp_path, lid_che
 
 def test_explicit_threshold_and_heatmap_overlay(tmp_path, lid_checkpoint, mvtec_root):
     paths = [it.path for it in dataset.list_test_items(mvtec_root, "lid")][:4]
-    det = Detector.load(lid_checkpoint, device="cpu")
+    det = Detector.load(lid_checkpoint, device="cpu", runtime="eager")
     middle = float(det.score(paths).median())
     labels = [r.label for r in det.predict(paths, middle)]
     assert labels.count("anomalous") == 2 and labels.count("normal") == 2
@@ -158,7 +158,8 @@ def test_overlays_never_overwrite_inputs_and_never_collide(tmp_path, lid_checkpo
                       ("sub__b.png", "good/002.png")):
         Image.open(source / src).save(photos / name)
     before = {p: p.read_bytes() for p in photos.rglob("*.*")}
-    args = [str(photos), "--checkpoint", str(lid_checkpoint), "--overlay_dir", str(photos), "--device", "cpu"]
+    args = [str(photos), "--checkpoint", str(lid_checkpoint), "--overlay_dir", str(photos), "--device", "cpu",
+            "--runtime", "eager"]
     predict.main(args + ["--out", str(tmp_path / "first.csv")])
     assert all(p.read_bytes() == data for p, data in before.items()), "inputs untouched"
     written = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.overlay.png"))
@@ -185,7 +186,8 @@ def test_patch_model_scores_by_its_map_and_calibrates_on_held_out_maxima(tmp_pat
     assert maps.shape == (len(paths), 48, 48) and torch.equal(scores, maps.amax(dim=(1, 2)))
     assert torch.equal(det.heatmaps(paths), maps)
     predict.main([str(mvtec_root / "lid" / "test"), "--checkpoint", str(patch_checkpoint), "--out",
-                  str(tmp_path / "p.csv"), "--overlay_dir", str(tmp_path / "ov"), "--device", "cpu"])
+                  str(tmp_path / "p.csv"), "--overlay_dir", str(tmp_path / "ov"), "--device", "cpu", "--runtime",
+                  "eager"])
     overlay = Image.open(tmp_path / "ov" / "good" / "000.png.overlay.png")
     plain = overlays.overlay_image(dataset.load_image(paths[0], 48), "normal", 0.0, 1.0)
     assert overlay.size == (48, 48) and overlay.tobytes() != plain.tobytes(), "the heatmap is drawn"

@@ -213,7 +213,7 @@ def test_an_image_over_the_decompression_bomb_limit_is_one_error(tmp_path, mvtec
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels is over twice the limit: PIL refuses
     with pytest.raises(CutPasteError, match=r"huge.png.*downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS"):
         dataset.load_image(path, 32)
-    (result,) = Detector.load(lid_model, device="cpu").predict([str(path)], threshold=1.0)
+    (result,) = Detector.load(lid_model, device="cpu", runtime="eager").predict([str(path)], threshold=1.0)
     assert result.label == "error" and "MAX_IMAGE_PIXELS" in result.error
 
 
@@ -285,9 +285,11 @@ def test_predicts_csv_is_replaced_whole_or_not_at_all(tmp_path, mvtec_root, lid_
     out.write_text("the previous predictions\n")
     image = str(mvtec_root / "lid" / "test" / "good" / "000.png")
     with disk_fills_at(64), pytest.raises((OSError, CutPasteError)):  # the temporary file stops at 64 bytes
-        predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu"])
+        predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu",
+                      "--runtime", "eager"])
     assert out.read_text() == "the previous predictions\n" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
-    predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu"])
+    predict.main([image, "--checkpoint", str(lid_model), "--out", str(out), "--device", "cpu",
+                  "--runtime", "eager"])
     assert pd.read_csv(out)["path"].tolist() == [image]
 
 

@@ -212,12 +212,13 @@ def test_predict_report_in_a_browser(browser, tmp_path, mvtec_root, lid_checkpoi
     (images / "notes.png").write_text("not an image")
     page = tmp_path / "out" / "report.html"
     results = predict.main([str(images), "--checkpoint", str(lid_checkpoint), "--out", str(tmp_path / "p.csv"),
-                            "--report", str(page), "--truth_from_folders", "--device", "cpu", "--workers", "0"])
+                            "--report", str(page), "--truth_from_folders", "--device", "cpu", "--workers", "0",
+                            "--runtime", "eager"])
     n_scored = len(results) - 1
     dom = check_in_browser(browser, page, tmp_path, n_scored)
     cards = [c for c in cards_and_lines(dom) if c["kind"] == "card"]
     assert sorted(c["data-name"] for c in cards) == sorted(r.path for r in results if r.label != "error")
-    threshold = Detector.load(lid_checkpoint, device="cpu").threshold(DEFAULT_QUANTILE)
+    threshold = Detector.load(lid_checkpoint, device="cpu", runtime="eager").threshold(DEFAULT_QUANTILE)
     (section,) = sections(dom)
     assert float(section["data-threshold"]) == pytest.approx(threshold, rel=1e-9)
     assert all((c["data-decision"] == "anomalous") == (float(c["data-score"]) > threshold) for c in cards)
