@@ -10,6 +10,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def timed(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+def eval_seconds(args, device: torch.device, flags: list[str]) -> float:
+    """Wall time of the `python eval.py` command (no plots, no report) on --model_dir, its tables in a scratch folder."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(ROOT / "eval.py"), "--model_dir", str(args.model_dir), "--data_dir",
+               str(args.data_dir), "--device", str(device), "--save_plots", "0", "--report", "0", "--out_dir", out,
+               *flags]
+        return timed(lambda: subprocess.run(cmd, check=True, capture_output=True), 1)
+
+
 def scorers(args) -> dict:
     """The Scorers timed: whole images at --size and at --patch_size, and a dense map at --stride."""
     torch.manual_seed(0)
@@ -114,10 +124,7 @@ def measure(args, device: torch.device) -> list[dict]:
             row[f"{what}: images/s" if what != "dense" else "dense: s per image"] = \
                 seconds if what == "dense" else len(batches[what]) / seconds
         if args.model_dir is not None:
-            cmd = [sys.executable, str(ROOT / "eval.py"), "--model_dir", str(args.model_dir), "--data_dir",
-                   str(args.data_dir), "--device", str(device), "--save_plots", "0", "--out_dir",
-                   str(ROOT / "Eval_bench"), *flags]
-            row["eval.py command s"] = timed(lambda: subprocess.run(cmd, check=True, capture_output=True), 1)
+            row["eval.py command s"] = eval_seconds(args, device, flags)
         rows.append(row)
         print(row, flush=True)
     return rows
