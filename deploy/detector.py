@@ -22,7 +22,7 @@ from common.errors import CutPasteError
 from common.paper import DEFAULT_QUANTILE, PREDICT_BATCH
 from deploy import export as export_lib
 from scoring import inference
-from scoring.scorer import Scorer, score_stride
+from scoring.scorer import Scorer
 from storage import checkpoints
 from training.devices import resolve_device
 
@@ -76,7 +76,7 @@ class Detector:
         settings = inference.choose(resolve_device(device), runtime, amp, channels_last,
                                     ckpt["model"].get("arch", "resnet18"), bool(ckpt["config"].get("amp", False)))
         scorer = Scorer.from_checkpoint(ckpt, path)
-        scores, source = checkpoints.calibration(ckpt, score_stride(ckpt))
+        scores, source = checkpoints.calibration(ckpt, scorer.stride)
         return cls(inference.runner(scorer, settings), scorer.size, torch.tensor(scores), source, ckpt["category"],
                    str(path), scorer.maps, settings.describe())
 

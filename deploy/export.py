@@ -18,7 +18,7 @@ from common.errors import CutPasteError
 from common.paper import DEFAULT_QUANTILE
 from density import quantile_threshold
 from scoring import inference
-from scoring.scorer import Scorer, score_stride
+from scoring.scorer import Scorer
 from storage import checkpoints, files
 
 # Bumped when the graph's inputs, outputs or metadata change in a way older readers cannot follow.
@@ -30,12 +30,11 @@ SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
 
 def metadata(ckpt: dict, path: Path, scorer: Scorer) -> dict:
     """What an exported file says of itself: category, size, variant, calibration, threshold, code version."""
-    stride = score_stride(ckpt, scorer.stride)
-    scores, source = checkpoints.calibration(ckpt, stride)
+    scores, source = checkpoints.calibration(ckpt, scorer.stride)
     return {"export_format": EXPORT_FORMAT, "code_version": checkpoints.code_version(),
             "created": datetime.datetime.now().isoformat(timespec="seconds"), "checkpoint": path.name,
             "category": ckpt["category"], "variant": ckpt["variant"], "size": scorer.size,
-            "patch_size": int(ckpt.get("patch_size", 0)), "stride": stride,
+            "patch_size": int(ckpt.get("patch_size", 0)), "stride": scorer.stride,
             "arch": ckpt["model"].get("arch", "resnet18"), "calibration_scores": scores, "calibration_source": source,
             "threshold": quantile_threshold(torch.tensor(scores), DEFAULT_QUANTILE) if scores else None,
             "threshold_quantile": DEFAULT_QUANTILE}
@@ -120,18 +119,14 @@ def is_export(path: Path) -> bool:
 
 
 def _open_onnx(path: Path):
-    import onnx
-    graph = onnx.load(str(path), load_external_data=False)
-    meta = {prop.key: prop.value for prop in graph.metadata_props}.get(META_KEY)
-    size = graph.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
-    return inference.onnxruntime_session(graph.SerializeToString()), meta, size
+    run, session = inference.onnxruntime_session(path)
+    return run, session.get_modelmeta().custom_metadata_map.get(META_KEY), session.get_inputs()[0].shape[-1]
 
 
 def _open_openvino(path: Path):
-    import openvino as ov
-    model = ov.Core().read_model(str(path))
+    run, model = inference.openvino_session(path)
     meta = model.get_rt_info([META_KEY]).astype(str) if model.has_rt_info([META_KEY]) else None
-    return inference.openvino_session(path), meta, model.input(0).get_partial_shape()[-1].get_length()
+    return run, meta, model.input(0).get_partial_shape()[-1].get_length()
 
 
 def _open_torchscript(path: Path):

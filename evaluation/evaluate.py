@@ -131,7 +131,8 @@ def category_scorer(args, category: str, ckpt: dict, path: Path, train_u8, setti
     """The Scorer of a checkpoint as eval runs it: an image-level model's (image_scorer), or a patch-level model's
     dense one with Gaussians refit on the clean patches (dense_scorer), and the latter's patch density."""
     if ckpt.get("patch_size", 0):
-        return dense_scorer(args, category, ckpt, path, train_u8, settings)
+        model = checkpoints.model_from_checkpoint(ckpt, path).to(settings.device)
+        return dense_scorer(args, category, ckpt, model, train_u8, settings)
     return image_scorer(args, ckpt, path, train_u8, settings)[0], ""
 
 
@@ -298,20 +299,19 @@ def anomaly_maps(mode: str, category: str, ckpt: dict, path: Path, scorer: Score
         return Maps(maps, mode, gradcam_target=args.gradcam_target)
     if mode != "dense":
         return None
-    dense, patch_density = dense_scorer(args, category, ckpt, path, train_u8, settings)
+    dense, patch_density = dense_scorer(args, category, ckpt, scorer.model.to(settings.device), train_u8, settings)
     dense_settings = inference_settings(args, ckpt, settings.device, dense=True)
     return Maps(inference.runner(dense, dense_settings, progress=True)(test_u8)[1], mode, patch_density)
 
 
-def dense_scorer(args, category: str, ckpt: dict, path: Path, train_u8, settings) -> tuple[Scorer, str]:
-    """A Scorer of the model's patches at --stride (the checkpoint's patch size, or a quarter of an image-level
-    model's images), its Gaussians fitted on the clean images' patches; and 'local' or 'shared'."""
+def dense_scorer(args, category: str, ckpt: dict, model, train_u8, settings) -> tuple[Scorer, str]:
+    """A Scorer of `model`'s patches at --stride (the checkpoint's patch size, or a quarter of an image-level model's
+    images), its Gaussians fitted on the clean images' patches; and 'local' or 'shared'."""
     local = use_local_density(args.patch_density, category)
     patch = dense_patch_size(ckpt.get("patch_size", 0), int(ckpt["size"]))
     if args.stride > patch:
         raise CutPasteError(f"--stride {args.stride} is larger than the {patch} px patches: pixels between them "
                             f"would get no score; give --stride {patch} or less (paper: 4)")
-    model = checkpoints.model_from_checkpoint(ckpt, path).to(settings.device)
     kind = args.density if args.density in DENSITY_ESTIMATORS else "torch"  # patch Gaussians are refitted
     scorer, _ = fit_scorer(model, train_u8, embedding_settings(settings), patch, args.stride, kind, local,
                            args.cell_stride, args.patch_batch)

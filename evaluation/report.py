@@ -26,7 +26,8 @@ from scipy import ndimage
 import density as density_lib
 from cli.options import CHECKPOINT_DENSITY
 from common.errors import CutPasteError
-from common.paper import DEFAULT_QUANTILE, PATCH_SCORE_STRIDE
+from common.paper import DEFAULT_QUANTILE
+from scoring.scorer import score_stride
 from storage import checkpoints, files
 
 PAGE_NAME = "report.html"
@@ -113,8 +114,8 @@ def write_thumbnails(folder: Path, names: list[str], images: torch.Tensor, masks
 
 def stored_threshold(ckpt: dict, quantile: float = DEFAULT_QUANTILE) -> Threshold:
     """predict.py's default threshold for this checkpoint: the quantile of its held-out clean training scores (or
-    of what export.calibration falls back to for older checkpoints)."""
-    scores, source = checkpoints.calibration(ckpt, int(ckpt.get("score_stride", PATCH_SCORE_STRIDE)))
+    of what checkpoints.calibration falls back to for older checkpoints)."""
+    scores, source = checkpoints.calibration(ckpt, score_stride(ckpt))
     if not scores:
         return Threshold(None, source)
     value = density_lib.quantile_threshold(torch.tensor(scores), quantile)
@@ -125,7 +126,7 @@ def eval_threshold(ckpt: dict, args, patch_density: str = "") -> Threshold:
     """stored_threshold, with a note where eval.py scores otherwise than predict.py does (another stride or
     location Gaussians for a patch-level model, a refitted Gaussian)."""
     found, patch = stored_threshold(ckpt), int(ckpt.get("patch_size", 0))
-    stride = int(ckpt.get("score_stride", PATCH_SCORE_STRIDE))
+    stride = score_stride(ckpt)
     if patch and (args.stride != stride or patch_density == "local"):
         note = (f"predict.py scores this patch-level model at stride {stride} with one shared Gaussian; these "
                 f"maps are scored at stride {args.stride} with {patch_density} Gaussians, so the "

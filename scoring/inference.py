@@ -55,8 +55,7 @@ def choose(device: torch.device, runtime: str = "auto", amp: bool | None = None,
     if amp is None and runtime in ("auto", "eager"):
         amp = trained_amp and bf16_supported(device)
     if runtime == "auto":
-        eager = not export_pays or device.type != "cpu" or amp or channels_last is not None \
-            or not exportable(arch) or not _importable("onnxruntime")
+        eager = not export_pays or device.type != "cpu" or amp or channels_last is not None or not exportable(arch)
         runtime = "eager" if eager else "onnxruntime"
     if runtime != "eager":
         if device.type != "cpu" or amp:
@@ -66,14 +65,6 @@ def choose(device: torch.device, runtime: str = "auto", amp: bool | None = None,
             raise CutPasteError(f"--runtime {runtime}: backbone {arch} does not export; use --runtime eager")
         return Settings(device, runtime)
     return Settings(device, "eager", bool(amp), True if channels_last is None else channels_last)
-
-
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
 
 
 def example_batch(size: int, n: int = 2) -> torch.Tensor:
@@ -91,16 +82,18 @@ def onnx_graph(scorer):
 
 
 def onnxruntime_session(model):
-    """run(uint8 (N, 3, S, S) numpy) -> list of output arrays, for an ONNX file path or serialised bytes."""
+    """(run: uint8 (N, 3, S, S) numpy -> list of output arrays, the onnxruntime.InferenceSession, which holds the
+    graph's metadata) for an ONNX file path or serialised bytes."""
     import onnxruntime as ort
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
                                    providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})  # None: every output, in order
+    return (lambda x: session.run(None, {name: x})), session  # None: every output, in order
 
 
 def openvino_session(model):
-    """The same for an OpenVINO IR (.xml path) or ONNX bytes, compiled for the CPU in float32."""
+    """The same for an OpenVINO IR (.xml path) or ONNX bytes, compiled for the CPU in float32: (run, the model
+    read, which holds the metadata)."""
     import openvino as ov
     core = ov.Core()
     if isinstance(model, bytes):
@@ -111,7 +104,7 @@ def openvino_session(model):
         net = core.read_model(str(model))
     # float32 as exported: the CPU plugin would otherwise run bf16 where the CPU has it.
     compiled = core.compile_model(net, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return lambda x: list(compiled(x).to_tuple())
+    return (lambda x: list(compiled(x).to_tuple())), net
 
 
 class SessionRunner:
@@ -131,8 +124,9 @@ class SessionRunner:
         return [torch.cat(parts).float() for parts in zip(*outs)]
 
     def __call__(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        joined = self.outputs(images_u8) if len(images_u8) else [torch.empty(0)]
-        return joined[0], joined[1] if self.maps and len(joined) > 1 else None
+        """(scores (N,), maps (N, S, S) or None) of N >= 1 images."""
+        joined = self.outputs(images_u8)
+        return joined[0], joined[1] if self.maps else None
 
 
 class EagerRunner(SessionRunner):
@@ -156,4 +150,4 @@ def runner(scorer, settings: Settings, batch: int = 0, progress: bool = False) -
     scorer.patch_batch = 0  # one pass per call, which a dynamic batch needs; `batch` bounds the memory
     proto = onnx_graph(scorer.prepare(torch.device("cpu"), False).eval())
     opener = onnxruntime_session if settings.runtime == "onnxruntime" else openvino_session
-    return SessionRunner(opener(proto.SerializeToString()), scorer.maps, batch, progress)
+    return SessionRunner(opener(proto.SerializeToString())[0], scorer.maps, batch, progress)

@@ -38,9 +38,9 @@ def cell_slots(cell_of: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.T
 
 class Scorer(nn.Module):
     """uint8 images (N, 3, S, S) -> (scores (N,), L2-normalised embeddings (N, D)) for an image-level model,
-    (scores (N,), maps (N, S, S)) for a patch-level one. mean (C, D) and precision (C, D, D) hold C Gaussians of L2-normalised embeddings; cell_of (P,)
-    names each grid position's Gaussian (all 0 when C is 1). `patch_batch` > 0 embeds the patches in chunks of that
-    many (eager runs, to bound memory); exports use 0 (one pass)."""
+    (scores (N,), maps (N, S, S)) for a patch-level one. mean (C, D) and precision (C, D, D) hold C Gaussians of
+    L2-normalised embeddings; cell_of (P,) names each grid position's Gaussian (all 0 when C is 1). `patch_batch` > 0
+    embeds the patches in chunks of that many (eager runs, to bound memory); exports use 0 (one pass)."""
 
     def __init__(self, model, mean: torch.Tensor, precision: torch.Tensor, size: int, patch: int = 0,
                  stride: int = 0, cell_of: torch.Tensor | None = None, patch_batch: int = 0):
@@ -60,7 +60,7 @@ class Scorer(nn.Module):
     def crops(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, S, S) -> float (N * P, 3, p, p) in [0, 1]: every patch of the grid, row by row."""
         x = images.float() / 255
-        if self.side == 1 and self.patch == self.size:
+        if self.patch == self.size:  # one patch: the image itself
             return x
         n, p, side = images.shape[0], self.patch, self.side
         x = x.index_select(2, self.rows).index_select(3, self.rows)
@@ -120,7 +120,6 @@ def score_stride(ckpt: dict, stride: int | None = None) -> int:
     if stride > patch:
         raise CutPasteError(f"--stride {stride} is larger than the {patch} px patches; give {patch} or less")
     return stride
-
 
 
 def fit_scorer(model, train_u8: torch.Tensor, settings, patch: int = 0, stride: int = 0, kind: str = "torch",

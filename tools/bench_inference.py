@@ -78,7 +78,7 @@ def timed(fn, iters: int) -> float:
 
 
 def eval_seconds(args, device: torch.device, flags: list[str]) -> float:
-    """Wall time of the `python eval.py` command (no plots, no report) on --model_dir, its tables in a scratch folder."""
+    """Wall time of `python eval.py` (no plots, no report) on --model_dir, its tables in a scratch folder."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(ROOT / "eval.py"), "--model_dir", str(args.model_dir), "--data_dir",
                str(args.data_dir), "--device", str(device), "--save_plots", "0", "--report", "0", "--out_dir", out,
@@ -95,11 +95,11 @@ def scorers(args) -> dict:
     cells = len(patches.patch_positions(args.size, args.patch_size, paper.CELL_STRIDE)) ** 2
     cell_of = patches.nearest_cells(args.size, args.size, args.patch_size, args.stride, paper.CELL_STRIDE)
     local = args.patch_density == "local"
+    gaussians = cells if local else 1
     return {"256": Scorer(model, mean, torch.eye(dim), args.size),
             "patch": Scorer(model, mean, torch.eye(dim), args.patch_size),
-            "dense": Scorer(model, mean.expand(cells if local else 1, dim), torch.eye(dim).expand(cells if local else 1,
-                            dim, dim), args.size, args.patch_size, args.stride, cell_of if local else None,
-                            args.patch_batch)}
+            "dense": Scorer(model, mean.expand(gaussians, dim), torch.eye(dim).expand(gaussians, dim, dim), args.size,
+                            args.patch_size, args.stride, cell_of if local else None, args.patch_batch)}
 
 
 def measure(args, device: torch.device) -> list[dict]:
